@@ -1,0 +1,341 @@
+"""The YAML config: checked once at start-up, every error reported together with its key path."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATH = "/etc/memories-ingest/config.yaml"
+DEFAULT_BASE_URL = "https://api.memories.ai"
+MAX_TAGS = 20
+MAX_CAMERA_MODEL = 200
+MAX_CALLBACK = 299
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each as 'file: key.path: message'."""
+
+    def __init__(self, path: str | os.PathLike[str], problems: Iterable[str]) -> None:
+        self.path = str(path)
+        self.problems = [f"{self.path}: {problem}" for problem in problems]
+        super().__init__("\n".join(self.problems))
+
+
+def _decimal_text(value: Any, low: int, high: int) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{value!r} is not a decimal number")
+    text = str(value).strip()
+    if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)", text):
+        raise ValueError(f"{value!r} is not a decimal number")
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a decimal number") from None
+    if not low <= number <= high:
+        raise ValueError(f"{text} is outside {low}..{high}")
+    return text
+
+
+def _latitude(value: Any) -> str | None:
+    return _decimal_text(value, -90, 90)
+
+
+def _longitude(value: Any) -> str | None:
+    return _decimal_text(value, -180, 180)
+
+
+def _tags(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise ValueError("must be a list of tags, e.g. [garden, front-door]")
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list of tags")
+    tags = []
+    for tag in value:
+        if isinstance(tag, bool) or not isinstance(tag, (str, int, float)) or not str(tag).strip():
+            raise ValueError(f"{tag!r} is not a tag: tags are non-empty words")
+        tags.append(str(tag).strip())
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"{len(tags)} tags, at most {MAX_TAGS} are allowed")
+    return tags
+
+
+Latitude = Annotated[str | None, BeforeValidator(_latitude)]
+Longitude = Annotated[str | None, BeforeValidator(_longitude)]
+Tags = Annotated[list[str], BeforeValidator(_tags)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class ApiSection(_Strict):
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "MEMORIES_API_KEY"
+    api_key_file: str | None = None
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    read_timeout_seconds: float = Field(120.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class WatchSection(_Strict):
+    settle_seconds: float = Field(5.0, ge=0)
+    rescan_seconds: float = Field(300.0, gt=0)
+    polling: bool = False
+
+
+class UploadSection(_Strict):
+    rate_per_second: float = Field(1.0, gt=0)
+    workers: int = Field(1, ge=1, le=16)
+    probe_timeout_seconds: float = Field(30.0, gt=0)
+    account_check_seconds: float = Field(600.0, gt=0)
+
+
+class FolderFields(_Strict):
+    """Keys that `defaults:` and each folder both take."""
+
+    tags: Tags = []
+    camera_model: str | None = Field(None, max_length=MAX_CAMERA_MODEL)
+    latitude: Latitude = None
+    longitude: Longitude = None
+    retain_original_video: bool | None = None
+    video_transcription_prompt: str | None = None
+    callback: str | None = Field(None, max_length=MAX_CALLBACK)
+    require_audio: bool | None = None
+
+
+class FolderSection(FolderFields):
+    path: str
+    unique_id: str | None = None
+    recursive: bool = False
+
+    @field_validator("unique_id")
+    @classmethod
+    def _non_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty: leave the key out to upload without a scope")
+        return value
+
+
+class ConfigFile(_Strict):
+    api: ApiSection = ApiSection()
+    ledger: str = "/var/lib/memories-ingest/ledger.db"
+    watch: WatchSection = WatchSection()
+    upload: UploadSection = UploadSection()
+    defaults: FolderFields = FolderFields()
+    folders: list[FolderSection] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A watched folder with `defaults:` merged in: what every upload from it carries."""
+
+    path: Path
+    unique_id: str | None
+    recursive: bool
+    tags: tuple[str, ...]
+    camera_model: str | None
+    latitude: str | None
+    longitude: str | None
+    retain_original_video: bool | None
+    video_transcription_prompt: str | None
+    callback: str | None
+    require_audio: bool
+
+    def contains(self, path: Path) -> bool:
+        try:
+            relative = path.relative_to(self.path)
+        except ValueError:
+            return False
+        return self.recursive or len(relative.parts) == 1
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    api: ApiSection
+    ledger: Path
+    watch: WatchSection
+    upload: UploadSection
+    folders: tuple[Folder, ...]
+
+    def folder_for(self, path: Path) -> Folder | None:
+        for folder in self.folders:
+            if folder.contains(path):
+                return folder
+        return None
+
+    @property
+    def upload_url(self) -> str:
+        return f"{self.api.base_url}/serve/api/v1/upload"
+
+    @property
+    def list_url(self) -> str:
+        return f"{self.api.base_url}/serve/api/v1/list_videos"
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith("function-") or part in ("str", "int", "float", "bool"):
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text or "(top level)"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{error['input']!r} is not true or false"
+    if kind in ("string_too_long",):
+        limit = error.get("ctx", {}).get("max_length")
+        return f"is {len(error['input'])} characters, at most {limit} are allowed"
+    bounds = {"greater_than_equal": "at least", "greater_than": "more than", "less_than_equal": "at most"}
+    if kind in bounds:
+        limit = next(iter(error.get("ctx", {}).values()), "")
+        return f"{error['input']!r} is too {'large' if kind.startswith('less') else 'small'}: it must be {bounds[kind]} {limit}"
+    if kind in ("float_parsing", "float_type", "int_parsing", "int_type"):
+        return f"{error['input']!r} is not a number"
+    return message
+
+
+def _merge(defaults: FolderFields, folder: FolderSection, base: Path) -> Folder:
+    def pick(key: str) -> Any:
+        return getattr(folder, key) if key in folder.model_fields_set else getattr(defaults, key)
+
+    tags = tuple(dict.fromkeys([*defaults.tags, *folder.tags]))
+    return Folder(
+        path=(base / os.path.expanduser(folder.path)).resolve(),
+        unique_id=folder.unique_id,
+        recursive=folder.recursive,
+        tags=tags,
+        camera_model=pick("camera_model"),
+        latitude=pick("latitude"),
+        longitude=pick("longitude"),
+        retain_original_video=pick("retain_original_video"),
+        video_transcription_prompt=pick("video_transcription_prompt"),
+        callback=pick("callback"),
+        require_audio=bool(pick("require_audio")),
+    )
+
+
+def _folder_problems(folders: tuple[Folder, ...]) -> list[str]:
+    problems = []
+    for index, folder in enumerate(folders):
+        if len(folder.tags) > MAX_TAGS:
+            problems.append(
+                f"folders[{index}].tags: {len(folder.tags)} tags with the defaults, at most {MAX_TAGS} are allowed"
+            )
+        for earlier_index, earlier in enumerate(folders[:index]):
+            if folder.path == earlier.path:
+                problems.append(f"folders[{index}].path: {folder.path} is already folders[{earlier_index}]")
+            elif folder.path.is_relative_to(earlier.path) and earlier.recursive:
+                problems.append(
+                    f"folders[{index}].path: {folder.path} is inside folders[{earlier_index}], "
+                    "which is recursive; a file must belong to one folder"
+                )
+            elif earlier.path.is_relative_to(folder.path) and folder.recursive:
+                problems.append(
+                    f"folders[{index}].path: {folder.path} contains folders[{earlier_index}] and is recursive; "
+                    "a file must belong to one folder"
+                )
+    return problems
+
+
+def parse(document: Any, source: Path) -> Config:
+    """Validate a loaded YAML document; raise ConfigError with every problem found."""
+    if document is None:
+        raise ConfigError(source, ["the file is empty; see config.example.yaml"])
+    if not isinstance(document, dict):
+        raise ConfigError(source, ["the top level must be a mapping of keys such as api, folders"])
+    try:
+        checked = ConfigFile.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(
+            source, [f"{_key_path(e['loc'])}: {_message(e)}" for e in error.errors(include_url=False)]
+        ) from None
+    base = source.parent
+    folders = tuple(_merge(checked.defaults, folder, base) for folder in checked.folders)
+    problems = _folder_problems(folders)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(
+        source=source,
+        api=checked.api,
+        ledger=(base / os.path.expanduser(checked.ledger)).resolve(),
+        watch=checked.watch,
+        upload=checked.upload,
+        folders=folders,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    source = Path(path).absolute()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["no such file; copy config.example.yaml there and edit it"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(source, [f"cannot be read: {error}"]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(source, [f"{where}not valid YAML: {problem}"]) from None
+    return parse(document, source)
+
+
+class MissingApiKey(Exception):
+    pass
+
+
+def read_api_key(api: ApiSection, environ: dict[str, str] | None = None) -> str:
+    """The key, from the environment variable, api.api_key_file, or a systemd credential."""
+    env = os.environ if environ is None else environ
+    key = env.get(api.api_key_env, "").strip()
+    if key:
+        return key
+    candidates = []
+    if api.api_key_file:
+        candidates.append(Path(os.path.expanduser(api.api_key_file)))
+    if env.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / "api-key")
+    for candidate in candidates:
+        try:
+            key = candidate.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise MissingApiKey(f"cannot read the API key file {candidate}: {error.strerror}") from None
+        if key:
+            return key
+        raise MissingApiKey(f"the API key file {candidate} is empty")
+    raise MissingApiKey(
+        f"no API key: set the environment variable {api.api_key_env} or api.api_key_file in the config"
+    )

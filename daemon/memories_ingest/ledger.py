@@ -1,0 +1,459 @@
+"""The ledger: one SQLite file that is both the upload queue and the record of what reached memories.ai.
+
+Paths are stored as raw bytes (``os.fsencode``), so a file name that is not UTF-8 is kept exactly.
+Every state change is one ``BEGIN IMMEDIATE`` transaction, so two workers never claim the same row and
+``status`` in another process always sees a consistent ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database, Migrations
+
+PENDING = "pending"
+QUEUED = "queued"
+UPLOADING = "uploading"
+RETRYING = "retrying"
+UPLOADED = "uploaded"
+INDEXED = "indexed"
+INDEX_FAILED = "index_failed"
+REJECTED = "rejected"
+FAILED = "failed"
+GONE = "gone"
+STATES = (PENDING, QUEUED, UPLOADING, RETRYING, UPLOADED, INDEXED, INDEX_FAILED, REJECTED, FAILED, GONE)
+DELIVERED = (UPLOADED, INDEXED, INDEX_FAILED)
+SETTLED = (*DELIVERED, REJECTED, FAILED, GONE)
+BUSY_TIMEOUT_MS = 15_000
+
+migrations = Migrations("memories_ingest")
+
+
+@migrations()
+def create_files(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            path BLOB NOT NULL UNIQUE,
+            folder BLOB NOT NULL,
+            unique_id TEXT,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            fingerprint TEXT,
+            state TEXT NOT NULL,
+            prior_state TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            stable_since REAL NOT NULL,
+            video_no TEXT,
+            error TEXT,
+            media TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            uploaded_at REAL
+        )
+        """
+    )
+    db.execute("CREATE INDEX files_state ON files (state, next_attempt_at)")
+    db.execute("CREATE INDEX files_folder ON files (folder)")
+    db.execute("CREATE INDEX files_content ON files (unique_id, fingerprint)")
+    db.execute(
+        """
+        CREATE TABLE uploads (
+            id INTEGER PRIMARY KEY,
+            file_id INTEGER NOT NULL REFERENCES files (id),
+            path BLOB NOT NULL,
+            unique_id TEXT,
+            fingerprint TEXT,
+            size INTEGER NOT NULL,
+            video_no TEXT NOT NULL,
+            uploaded_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX uploads_time ON uploads (uploaded_at)")
+    db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or written; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    path: Path
+    folder: Path
+    unique_id: str | None
+    size: int
+    mtime_ns: int
+    inode: int
+    fingerprint: str | None
+    state: str
+    prior_state: str | None
+    attempts: int
+    next_attempt_at: float | None
+    stable_since: float
+    video_no: str | None
+    error: str | None
+    media: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    uploaded_at: float | None
+
+    @classmethod
+    def from_sql(cls, record: sqlite3.Row) -> Row:
+        values = {f.name: record[f.name] for f in fields(cls)}
+        values["path"] = Path(os.fsdecode(values["path"]))
+        values["folder"] = Path(os.fsdecode(values["folder"]))
+        values["media"] = json.loads(values["media"]) if values["media"] else None
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["path"] = str(self.path)
+        data["folder"] = str(self.folder)
+        return data
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Why every upload waits, and when the daemon next tries."""
+
+    reason: str
+    since: float
+    until: float
+    kind: str
+
+
+def _key(path: Path | str) -> bytes:
+    return os.fsencode(path)
+
+
+class Ledger:
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._conn = self._connect()
+        self.db = Database(self._conn)
+        try:
+            with self._lock:
+                migrations.apply(self.db)
+        except sqlite3.Error as error:
+            self._conn.close()
+            raise LedgerError(f"cannot prepare the ledger {self.path}: {error}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise LedgerError(f"the ledger's directory {directory} does not exist; create it or change `ledger`")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise LedgerError(
+                f"the ledger's directory {directory} is not writable by this user; "
+                "the ledger needs it for its -wal and -shm files"
+            )
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+            conn.row_factory = sqlite3.Row
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as error:
+            raise LedgerError(f"cannot open the ledger {self.path}: {error}") from None
+        if mode != "wal":
+            conn.close()
+            raise LedgerError(f"the ledger {self.path} cannot use WAL mode (got {mode})")
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise LedgerError(f"cannot write the ledger {self.path}: {error}") from None
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._conn.execute("ROLLBACK")
+                raise LedgerError(f"cannot write the ledger {self.path}: {error}") from None
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def get(self, path: Path | str) -> Row | None:
+        rows = self._read("SELECT * FROM files WHERE path = ?", [_key(path)])
+        return Row.from_sql(rows[0]) if rows else None
+
+    def get_id(self, row_id: int) -> Row:
+        return Row.from_sql(self._read("SELECT * FROM files WHERE id = ?", [row_id])[0])
+
+    # -- what the watcher and the scanner see -------------------------------------------------------------
+
+    def record_seen(
+        self, path: Path, folder: Path, unique_id: str | None, size: int, mtime_ns: int, inode: int
+    ) -> bool:
+        """Note a file as it is now. True when it needs settling: new, changed, or back after being gone."""
+        now = self.clock()
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT id, size, mtime_ns, inode, state, prior_state FROM files WHERE path = ?", [_key(path)]
+            ).fetchone()
+            if found is None:
+                conn.execute(
+                    "INSERT INTO files (path, folder, unique_id, size, mtime_ns, inode, state, stable_since,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_key(path), _key(folder), unique_id, size, mtime_ns, inode, PENDING, now, now, now],
+                )
+                return True
+            unchanged = (found["size"], found["mtime_ns"], found["inode"]) == (size, mtime_ns, inode)
+            if found["state"] == UPLOADING or (unchanged and found["state"] != GONE):
+                return False
+            if found["state"] == PENDING:
+                prior = found["prior_state"]
+            elif found["state"] in (QUEUED, RETRYING, GONE):
+                prior = None
+            else:
+                prior = found["state"]
+            conn.execute(
+                "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, state = ?, prior_state = ?,"
+                " stable_since = ?, unique_id = ?, folder = ?, next_attempt_at = NULL, updated_at = ?"
+                " WHERE id = ?",
+                [size, mtime_ns, inode, PENDING, prior, now, unique_id, _key(folder), now, found["id"]],
+            )
+            return True
+
+    def known(self, folder: Path) -> dict[bytes, tuple[int, int, int, str]]:
+        """Every row under a folder, keyed by raw path: what a rescan compares the disk with."""
+        rows = self._read("SELECT path, size, mtime_ns, inode, state FROM files WHERE folder = ?", [_key(folder)])
+        return {r["path"]: (r["size"], r["mtime_ns"], r["inode"], r["state"]) for r in rows}
+
+    # -- settling and validation ----------------------------------------------------------------------------
+
+    def pending(self) -> list[Row]:
+        return [Row.from_sql(r) for r in self._read("SELECT * FROM files WHERE state = ? ORDER BY id", [PENDING])]
+
+    def note_changed(self, row_id: int, size: int, mtime_ns: int, inode: int) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, stable_since = ?, updated_at = ?"
+                " WHERE id = ? AND state = ?",
+                [size, mtime_ns, inode, now, now, row_id, PENDING],
+            )
+
+    def delivered_copy(self, row: Row, fingerprint: str) -> Row | None:
+        """A delivered row with the same content in the same scope: this row itself before a touch, or a copy."""
+        if row.prior_state in DELIVERED and row.fingerprint == fingerprint and row.video_no:
+            return row
+        found = self._read(
+            "SELECT * FROM files WHERE unique_id IS ? AND fingerprint = ? AND size = ? AND video_no IS NOT NULL"
+            f" AND state IN ({','.join('?' * len(DELIVERED))}) AND id != ? ORDER BY id LIMIT 1",
+            [row.unique_id, fingerprint, row.size, *DELIVERED, row.id],
+        )
+        return Row.from_sql(found[0]) if found else None
+
+    def mark_queued(self, row: Row, fingerprint: str, media: dict[str, Any]) -> bool:
+        """Validated: queue it, unless it changed since it was checked."""
+        now = self.clock()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE files SET state = ?, prior_state = NULL, fingerprint = ?, media = ?, video_no = NULL,"
+                " uploaded_at = NULL, attempts = 0, error = NULL, next_attempt_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = ? AND size = ? AND mtime_ns = ? AND inode = ?",
+                [QUEUED, fingerprint, json.dumps(media), now, now, row.id, PENDING, row.size, row.mtime_ns, row.inode],
+            )
+            return cursor.rowcount == 1
+
+    def mark_duplicate(self, row: Row, fingerprint: str, original: Row) -> None:
+        """Same content as a delivered row: keep its videoNo instead of sending the bytes again."""
+        note = None if original.id == row.id else f"same content as {original.path}, already uploaded"
+        state = original.prior_state if original.id == row.id else original.state
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, prior_state = NULL, fingerprint = ?, video_no = ?, error = ?,"
+                " uploaded_at = COALESCE(uploaded_at, ?), updated_at = ? WHERE id = ? AND state = ?",
+                [state, fingerprint, original.video_no, note, original.uploaded_at, now, row.id, PENDING],
+            )
+
+    def mark_rejected(self, row_id: int, reason: str) -> None:
+        self._finish(row_id, REJECTED, reason)
+
+    def mark_gone(self, row_id: int, reason: str = "the file was deleted before it was uploaded") -> None:
+        self._finish(row_id, GONE, reason)
+
+    def _finish(self, row_id: int, state: str, reason: str | None) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, prior_state = NULL, error = ?, next_attempt_at = NULL,"
+                " updated_at = ? WHERE id = ?",
+                [state, reason, now, row_id],
+            )
+
+    # -- uploading --------------------------------------------------------------------------------------
+
+    def claim(self, folders: Iterable[Path]) -> Row | None:
+        """Take the next due row for upload; the row is `uploading` when this returns it."""
+        folder_keys = [_key(f) for f in folders]
+        if not folder_keys:
+            return None
+        now = self.clock()
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT * FROM files WHERE state IN (?, ?) AND next_attempt_at <= ?"
+                f" AND folder IN ({','.join('?' * len(folder_keys))}) ORDER BY next_attempt_at, id LIMIT 1",
+                [QUEUED, RETRYING, now, *folder_keys],
+            ).fetchone()
+            if found is None:
+                return None
+            conn.execute(
+                "UPDATE files SET state = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                [UPLOADING, now, found["id"]],
+            )
+        return self.get_id(found["id"])
+
+    def mark_uploaded(self, row: Row, video_no: str) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, video_no = ?, error = NULL, next_attempt_at = NULL, uploaded_at = ?,"
+                " updated_at = ? WHERE id = ?",
+                [UPLOADED, video_no, now, now, row.id],
+            )
+            conn.execute(
+                "INSERT INTO uploads (file_id, path, unique_id, fingerprint, size, video_no, uploaded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [row.id, _key(row.path), row.unique_id, row.fingerprint, row.size, video_no, now],
+            )
+
+    def mark_retry(self, row_id: int, at: float, error: str) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, next_attempt_at = ?, error = ?, updated_at = ? WHERE id = ?",
+                [RETRYING, at, error, now, row_id],
+            )
+
+    def mark_failed(self, row_id: int, error: str) -> None:
+        self._finish(row_id, FAILED, error)
+
+    def release(self, row_id: int, note: str | None = None) -> None:
+        """Back to the queue, not counted as an attempt: the file was not at fault."""
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, attempts = MAX(attempts - 1, 0), next_attempt_at = ?,"
+                " error = COALESCE(?, error), updated_at = ? WHERE id = ? AND state = ?",
+                [QUEUED, now, note, now, row_id, UPLOADING],
+            )
+
+    def mark_changed(self, row_id: int) -> None:
+        """The file changed under an upload: settle and validate it again."""
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, attempts = MAX(attempts - 1, 0), stable_since = ?,"
+                " error = 'the file changed during upload; waiting for it to settle', updated_at = ?"
+                " WHERE id = ?",
+                [PENDING, now, now, row_id],
+            )
+
+    def requeue_interrupted(self) -> int:
+        """Rows left `uploading` by a daemon that died: back to the queue."""
+        now = self.clock()
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE files SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ?",
+                [QUEUED, now, now, UPLOADING],
+            ).rowcount
+
+    def retry(self, paths: Iterable[Path] | None) -> int:
+        """Put failed, rejected or retrying rows back in the queue; None means every failed row."""
+        now = self.clock()
+        with self._write() as conn:
+            if paths is None:
+                return conn.execute(
+                    "UPDATE files SET state = ?, prior_state = NULL, attempts = 0, next_attempt_at = ?,"
+                    " stable_since = ?, updated_at = ? WHERE state = ?",
+                    [PENDING, now, now, now, FAILED],
+                ).rowcount
+            changed = 0
+            for path in paths:
+                changed += conn.execute(
+                    "UPDATE files SET state = ?, prior_state = NULL, attempts = 0, next_attempt_at = ?,"
+                    " stable_since = ?, updated_at = ? WHERE path = ? AND state IN (?, ?, ?, ?)",
+                    [PENDING, now, now, now, _key(path), FAILED, REJECTED, RETRYING, GONE],
+                ).rowcount
+            return changed
+
+    # -- what status and list show ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        found = {r[0]: r[1] for r in self._read("SELECT state, COUNT(*) FROM files GROUP BY state")}
+        return {state: found.get(state, 0) for state in STATES}
+
+    def rows(self, state: str | None = None) -> list[Row]:
+        if state is None:
+            found = self._read("SELECT * FROM files ORDER BY id")
+        else:
+            found = self._read("SELECT * FROM files WHERE state = ? ORDER BY id", [state])
+        return [Row.from_sql(r) for r in found]
+
+    def next_retry(self) -> Row | None:
+        found = self._read(
+            "SELECT * FROM files WHERE state = ? ORDER BY next_attempt_at LIMIT 1", [RETRYING]
+        )
+        return Row.from_sql(found[0]) if found else None
+
+    def due_count(self, folders: Iterable[Path]) -> int:
+        """Rows in these folders with work to do now: settling, queued, in flight, or a retry that is due."""
+        keys = [_key(f) for f in folders]
+        return int(
+            self._read(
+                f"SELECT COUNT(*) FROM files WHERE folder IN ({','.join('?' * len(keys))})"
+                " AND (state IN (?, ?, ?) OR (state = ? AND next_attempt_at <= ?))",
+                [*keys, PENDING, QUEUED, UPLOADING, RETRYING, self.clock()],
+            )[0][0]
+        )
+
+    # -- the account-wide pause, shared with `status` in other processes ----------------------------------
+
+    def set_pause(self, pause: Pause | None) -> None:
+        with self._write() as conn:
+            if pause is None:
+                conn.execute("DELETE FROM settings WHERE key = 'pause'")
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO settings (key, value) VALUES ('pause', ?)",
+                    [json.dumps(pause.__dict__)],
+                )
+
+    def pause(self) -> Pause | None:
+        found = self._read("SELECT value FROM settings WHERE key = 'pause'")
+        return Pause(**json.loads(found[0][0])) if found else None

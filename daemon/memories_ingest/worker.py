@@ -1,0 +1,553 @@
+"""The daemon's threads: scanner, settler and uploaders, and the gate that pauses them all.
+
+Each worker has initialize(), loop() and shutdown(), and runs under ``while not stop.is_set()``.
+Idle waits are event waits, so a stop is noticed at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+
+from . import probe
+from .config import Config, Folder
+from .ledger import Ledger, Pause, Row
+from .uploader import Abandoned, Client, FileChanged, Outcome, RateLimiter, RetryPolicy, SnapshotReader, fingerprint
+from .watcher import Recorder, Watcher
+
+log = structlog.get_logger()
+
+UNRECOGNISED_ATTEMPTS = 3
+RATE_LIMIT_POLICY = RetryPolicy(base=2.0, factor=2.0, cap=120.0, jitter=0.3)
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Worker:
+    name = "worker"
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    def initialize(self) -> None:
+        """Set up before the first loop."""
+
+    def loop(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Release what initialize() took."""
+
+    def run(self) -> None:
+        self.initialize()
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.loop()
+                except Exception:
+                    log.exception("worker loop failed; carrying on", worker=self.name)
+                    self.stop.wait(1.0)
+        finally:
+            self.shutdown()
+
+
+class Gate:
+    """Whether uploads may go out now. Rate limits hold everyone briefly; account refusals pause for long.
+
+    The pause is kept in the ledger, so `status` in another process shows it and a restart honours it.
+    When a pause ends, one request goes out first as a probe; the rest wait for its answer.
+    """
+
+    def __init__(self, ledger: Ledger, account_check_seconds: float, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.account_check_seconds = account_check_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pause: Pause | None = ledger.pause()
+        self._probing = False
+        self._rate_limit_streak = 0
+
+    @property
+    def pause(self) -> Pause | None:
+        return self._pause
+
+    def wait_open(self, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            with self._lock:
+                pause = self._pause
+                if pause is None:
+                    return True
+                remaining = pause.until - self.clock()
+                if remaining <= 0 and not self._probing:
+                    self._probing = True
+                    return True
+            stop.wait(min(max(remaining, 0.05), 1.0))
+        return False
+
+    def _hold(self, kind: str, reason: str, seconds: float) -> None:
+        now = self.clock()
+        with self._lock:
+            since = self._pause.since if self._pause and self._pause.kind == kind else now
+            self._pause = Pause(reason=reason, since=since, until=now + seconds, kind=kind)
+            self._probing = False
+        self.ledger.set_pause(self._pause)
+
+    def rate_limited(self, outcome: Outcome) -> float:
+        with self._lock:
+            self._rate_limit_streak += 1
+            streak = self._rate_limit_streak
+        seconds = max(RATE_LIMIT_POLICY.delay(streak), outcome.retry_after or 0.0)
+        self._hold("rate_limit", f"rate limited by the server ({outcome.message})", seconds)
+        log.warning("rate limited: holding every upload", seconds=round(seconds, 1), streak=streak)
+        return seconds
+
+    def account_refused(self, outcome: Outcome) -> None:
+        seconds = max(self.account_check_seconds, outcome.retry_after or 0.0)
+        first = self._pause is None or self._pause.kind != "account"
+        self._hold("account", outcome.message, seconds)
+        log.error(
+            "UPLOADS PAUSED: the account refused an upload; no file is marked failed for this",
+            reason=outcome.message,
+            next_check_in_seconds=round(seconds),
+            first_refusal=first,
+        )
+
+    def answered(self) -> None:
+        """An upload got a normal answer: whatever paused uploads is over."""
+        with self._lock:
+            self._rate_limit_streak = 0
+            self._probing = False
+            was = self._pause
+            self._pause = None
+        if was is not None:
+            self.ledger.set_pause(None)
+            log.warning("uploads resumed", paused_for=was.reason, paused_seconds=round(self.clock() - was.since))
+
+    def release_probe(self) -> None:
+        with self._lock:
+            self._probing = False
+
+
+def capture_time(row: Row) -> str:
+    """The container's creation_time, else the file's mtime, in this host's time zone."""
+    created = (row.media or {}).get("creation_time")
+    when = datetime.fromisoformat(created) if created else datetime.fromtimestamp(row.mtime_ns / 1e9, timezone.utc)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def upload_fields(folder: Folder, row: Row) -> list[tuple[str, str]]:
+    fields: list[tuple[str, str]] = []
+    if folder.unique_id:
+        fields.append(("unique_id", folder.unique_id))
+    fields.append(("datetime_taken", capture_time(row)))
+    fields.extend(("tags", tag) for tag in folder.tags)
+    optional = {
+        "camera_model": folder.camera_model,
+        "latitude": folder.latitude,
+        "longitude": folder.longitude,
+        "video_transcription_prompt": folder.video_transcription_prompt,
+        "callback": folder.callback,
+    }
+    fields.extend((key, value) for key, value in optional.items() if value)
+    if folder.retain_original_video is not None:
+        fields.append(("retain_original_video", "true" if folder.retain_original_video else "false"))
+    return fields
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[tuple[int, os.stat_result]]:
+    """Open without following a symlink and without blocking on a FIFO; refuse anything but a regular file."""
+    fd = os.open(path, OPEN_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise probe.Rejection("not a regular file")
+        yield fd, info
+    finally:
+        os.close(fd)
+
+
+def _same_file(row: Row, info: os.stat_result) -> bool:
+    return (row.size, row.mtime_ns, row.inode) == (info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+class Scanner(Worker):
+    """The reconcile scan: at start-up, every rescan_seconds, and at once for any directory that needs it."""
+
+    name = "scanner"
+
+    def __init__(self, stop: threading.Event, config: Config, recorder: Recorder, watcher: Watcher | None) -> None:
+        super().__init__(stop)
+        self.config = config
+        self.recorder = recorder
+        self.watcher = watcher
+        self.requests: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self.first_scan_done = threading.Event()
+
+    def request(self, path: Path | None = None) -> None:
+        """Rescan a directory (None: every folder) soon; safe to call from an event handler."""
+        self.requests.put(path)
+
+    def scan_all(self) -> None:
+        if self.watcher is not None:
+            self.watcher.refresh()
+        for folder in self.config.folders:
+            if self.stop.is_set():
+                return
+            started = time.monotonic()
+            changed = self.recorder.scan(folder)
+            log.info(
+                "scanned", path=str(folder.path), new_or_changed=changed, seconds=round(time.monotonic() - started, 3)
+            )
+
+    def initialize(self) -> None:
+        self.scan_all()
+        self.first_scan_done.set()
+
+    def loop(self) -> None:
+        try:
+            target = self.requests.get(timeout=self.config.watch.rescan_seconds)
+        except queue.Empty:
+            target = None
+        if self.stop.is_set():
+            return
+        if target is None:
+            self.scan_all()
+            return
+        folder = self.config.folder_for(target / "x")
+        if folder is not None:
+            self.recorder.scan(folder, target if target != folder.path else None)
+
+
+class Settler(Worker):
+    """Waits until a file stops changing, then validates it: queued, rejected, or a known duplicate."""
+
+    name = "settler"
+
+    def __init__(
+        self,
+        stop: threading.Event,
+        config: Config,
+        ledger: Ledger,
+        wake: threading.Event,
+        uploads_ready: threading.Event,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(stop)
+        self.config = config
+        self.ledger = ledger
+        self.wake = wake
+        self.uploads_ready = uploads_ready
+        self.clock = clock
+
+    def loop(self) -> None:
+        self.wake.clear()
+        next_due: float | None = None
+        for row in self.ledger.pending():
+            if self.stop.is_set():
+                return
+            due = self.settle(row)
+            if due is not None:
+                next_due = due if next_due is None else min(next_due, due)
+        wait = 1.0 if next_due is None else min(1.0, max(0.02, next_due - self.clock()))
+        self.wake.wait(wait)
+
+    def settle(self, row: Row) -> float | None:
+        """Check one pending row; returns when to look again, or None when it left `pending`."""
+        folder = self.config.folder_for(row.path)
+        if folder is None:
+            return None
+        reason = probe.check_name(row.path)
+        if reason:
+            self._reject(row, reason)
+            return None
+        try:
+            info = os.stat(row.path, follow_symlinks=False)
+        except FileNotFoundError:
+            self.ledger.mark_gone(row.id)
+            log.info("file gone before upload", path=str(row.path), unique_id=row.unique_id, state="gone")
+            return None
+        except OSError as error:
+            return self.clock() + self.config.watch.settle_seconds + (0 if error.errno else 1)
+        if not stat.S_ISREG(info.st_mode):
+            self._reject(row, "not a regular file")
+            return None
+        if not _same_file(row, info):
+            self.ledger.note_changed(row.id, info.st_size, info.st_mtime_ns, info.st_ino)
+            return self.clock() + self.config.watch.settle_seconds
+        due = row.stable_since + self.config.watch.settle_seconds
+        if self.clock() < due:
+            return due
+        self.validate(row, folder)
+        return None
+
+    def validate(self, row: Row, folder: Folder) -> None:
+        try:
+            with open_regular(row.path) as (fd, info):
+                if not _same_file(row, info):
+                    self.ledger.note_changed(row.id, info.st_size, info.st_mtime_ns, info.st_ino)
+                    return
+                probe.check_header(fd, info.st_size)
+                media = probe.probe_fd(
+                    fd, require_audio=folder.require_audio, timeout=self.config.upload.probe_timeout_seconds
+                )
+                content = fingerprint(fd, info.st_size)
+        except FileNotFoundError:
+            self.ledger.mark_gone(row.id)
+            return
+        except probe.Rejection as rejection:
+            self._reject(row, str(rejection))
+            return
+        except OSError as error:
+            self._reject(row, f"cannot be read: {error.strerror}")
+            return
+        original = self.ledger.delivered_copy(row, content)
+        if original is not None:
+            self.ledger.mark_duplicate(row, content, original)
+            log.info(
+                "already uploaded",
+                path=str(row.path),
+                unique_id=row.unique_id,
+                video_no=original.video_no,
+                same_as=str(original.path),
+            )
+            return
+        if self.ledger.mark_queued(row, content, media.to_json()):
+            log.info(
+                "queued",
+                path=str(row.path),
+                unique_id=row.unique_id,
+                state="queued",
+                codec=media.video_codec,
+                size=row.size,
+            )
+            self.uploads_ready.set()
+
+    def _reject(self, row: Row, reason: str) -> None:
+        self.ledger.mark_rejected(row.id, reason)
+        log.warning("rejected", path=str(row.path), unique_id=row.unique_id, state="rejected", reason=reason)
+
+
+class UploadWorker(Worker):
+    """Claims a due row, streams the file, and records what the answer means."""
+
+    def __init__(
+        self,
+        stop: threading.Event,
+        number: int,
+        config: Config,
+        ledger: Ledger,
+        client: Client,
+        limiter: RateLimiter,
+        gate: Gate,
+        uploads_ready: threading.Event,
+        abandon: threading.Event,
+        policy: RetryPolicy = RetryPolicy(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(stop)
+        self.name = f"uploader-{number}"
+        self.config = config
+        self.ledger = ledger
+        self.client = client
+        self.limiter = limiter
+        self.gate = gate
+        self.uploads_ready = uploads_ready
+        self.abandon = abandon
+        self.policy = policy
+        self.clock = clock
+        self.busy = threading.Event()
+
+    def loop(self) -> None:
+        if not self.gate.wait_open(self.stop):
+            return
+        row = self.ledger.claim(folder.path for folder in self.config.folders)
+        if row is None:
+            self.gate.release_probe()
+            self.uploads_ready.wait(0.5)
+            self.uploads_ready.clear()
+            return
+        self.busy.set()
+        try:
+            self.upload(row)
+        finally:
+            self.busy.clear()
+
+    def upload(self, row: Row) -> None:
+        folder = self.config.folder_for(row.path)
+        context = {"path": str(row.path), "unique_id": row.unique_id, "attempt": row.attempts}
+        if folder is None:
+            self.ledger.release(row.id)
+            return
+        try:
+            with open_regular(row.path) as (fd, info):
+                if not _same_file(row, info):
+                    self.ledger.mark_changed(row.id)
+                    self.gate.release_probe()
+                    log.info("file changed before upload; settling again", state="pending", **context)
+                    return
+                if not self.limiter.acquire(self.stop):
+                    self.ledger.release(row.id)
+                    self.gate.release_probe()
+                    return
+                log.info("uploading", state="uploading", size=row.size, **context)
+                reader = SnapshotReader(fd, info, str(row.path), self.abandon)
+                content_type = probe.content_type_for(row.path) or "video/mp4"
+                outcome = self.client.upload(reader, row.path.name, content_type, upload_fields(folder, row))
+        except FileNotFoundError:
+            self.ledger.mark_gone(row.id)
+            self.gate.release_probe()
+            log.info("file gone before upload", state="gone", **context)
+            return
+        except FileChanged as change:
+            self.ledger.mark_changed(row.id)
+            self.gate.release_probe()
+            log.warning("upload abandoned: the file changed; settling again", reason=str(change), **context)
+            return
+        except Abandoned:
+            self.ledger.release(row.id, "upload abandoned at shutdown")
+            log.warning("upload abandoned at shutdown; it goes first next time", state="queued", **context)
+            return
+        except (probe.Rejection, OSError) as error:
+            reason = str(error) if isinstance(error, probe.Rejection) else f"cannot be opened: {error.strerror}"
+            self.ledger.mark_rejected(row.id, reason)
+            self.gate.release_probe()
+            log.warning("rejected", state="rejected", reason=reason, **context)
+            return
+        self.record(row, outcome, context)
+
+    def record(self, row: Row, outcome: Outcome, context: dict[str, object]) -> None:
+        if outcome.kind == "uploaded":
+            assert outcome.video_no is not None
+            self.ledger.mark_uploaded(row, outcome.video_no)
+            self.gate.answered()
+            log.info("uploaded", state="uploaded", video_no=outcome.video_no, **context)
+        elif outcome.kind == "rate_limited":
+            self.gate.rate_limited(outcome)
+            self.ledger.release(row.id, outcome.message)
+        elif outcome.kind == "account":
+            self.gate.account_refused(outcome)
+            self.ledger.release(row.id, outcome.message)
+        elif outcome.kind == "refused":
+            self.gate.answered()
+            self.ledger.mark_failed(row.id, outcome.message)
+            log.error("failed: the server refused the file", state="failed", reason=outcome.message, **context)
+        elif outcome.kind == "unrecognised" and row.attempts >= UNRECOGNISED_ATTEMPTS:
+            self.gate.answered()
+            message = f"{outcome.message} (an answer this daemon does not recognise, {row.attempts} times)"
+            self.ledger.mark_failed(row.id, message)
+            log.error("failed", state="failed", reason=message, **context)
+        else:
+            self.gate.release_probe()
+            delay = max(self.policy.delay(row.attempts), outcome.retry_after or 0.0)
+            self.ledger.mark_retry(row.id, self.clock() + delay, outcome.message)
+            log.warning(
+                "upload failed; will retry", state="retrying", reason=outcome.message, retry_in=round(delay, 1), **context
+            )
+
+
+class Daemon:
+    """Every thread of a running daemon, from start-up to a warm or cold shutdown.
+
+    The first stop request lets uploads in flight finish for `grace_seconds`, then abandons them cleanly
+    (their rows go back to the queue). A second request abandons them at once.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        client: Client,
+        *,
+        once: bool = False,
+        grace_seconds: float = 20.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.client = client
+        self.once = once
+        self.grace_seconds = grace_seconds
+        self.stop = threading.Event()
+        self.abandon = threading.Event()
+        self.wake = threading.Event()
+        self.uploads_ready = threading.Event()
+        self.gate = Gate(ledger, config.upload.account_check_seconds, clock)
+        self.recorder = Recorder(config, ledger, self.wake)
+        self.watcher = None if once else Watcher(config, self.recorder, lambda path: self.scanner.request(path))
+        self.scanner = Scanner(self.stop, config, self.recorder, self.watcher)
+        self.settler = Settler(self.stop, config, ledger, self.wake, self.uploads_ready, clock)
+        limiter = RateLimiter(config.upload.rate_per_second)
+        self.uploaders = [
+            UploadWorker(
+                self.stop, n, config, ledger, client, limiter, self.gate, self.uploads_ready, self.abandon, clock=clock
+            )
+            for n in range(1, config.upload.workers + 1)
+        ]
+        self.threads: list[threading.Thread] = []
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler: the first call is a warm stop, the next abandons uploads in flight."""
+        if self.stop.is_set():
+            self.abandon.set()
+        self.stop.set()
+        self.wake.set()
+        self.uploads_ready.set()
+        self.scanner.request(None)
+
+    def start(self) -> None:
+        requeued = self.ledger.requeue_interrupted()
+        if requeued:
+            log.warning("uploads interrupted by the last shutdown go back to the queue", rows=requeued)
+        if self.watcher is not None:
+            self.watcher.start()
+        workers: list[Worker] = [self.scanner, self.settler, *self.uploaders]
+        for worker in workers:
+            thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def idle(self) -> bool:
+        """Nothing left to do now: the first scan is done and only future retries remain."""
+        if not self.scanner.first_scan_done.is_set() or any(u.busy.is_set() for u in self.uploaders):
+            return False
+        return self.ledger.due_count([folder.path for folder in self.config.folders]) == 0
+
+    def run(self) -> int:
+        """Run until stopped (or, with once, until idle); returns the process exit code."""
+        self.start()
+        log.info("started", folders=len(self.config.folders), once=self.once, workers=len(self.uploaders))
+        code = 0
+        while not self.stop.wait(0.2):
+            if not self.once:
+                continue
+            pause = self.gate.pause
+            if pause is not None and pause.kind == "account":
+                log.error("stopping: uploads are paused", reason=pause.reason)
+                code = 75
+                break
+            if self.idle():
+                break
+        self.shutdown()
+        return code
+
+    def shutdown(self) -> None:
+        self.request_stop()
+        if self.watcher is not None:
+            self.watcher.stop()
+        deadline = time.monotonic() + self.grace_seconds
+        for thread in self.threads:
+            while thread.is_alive() and not self.abandon.is_set():
+                thread.join(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    self.abandon.set()
+            thread.join(timeout=2)
+        log.info("stopped")

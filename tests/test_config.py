@@ -1,0 +1,153 @@
+"""The config: every error at once with its key path, merging, the example file and the API key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memories_ingest.config import ConfigError, MissingApiKey, load, parse, read_api_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_example_config_is_valid_and_documents_every_key() -> None:
+    config = load(ROOT / "config.example.yaml")
+    assert [f.unique_id for f in config.folders] == ["front-door", "family-phones"]
+    assert config.folders[0].tags == ("home", "doorbell", "outdoor")
+    assert config.folders[0].latitude == "51.5007"
+    assert config.folders[1].require_audio is True
+    text = (ROOT / "config.example.yaml").read_text()
+    for key in (
+        "base_url", "api_key_env", "api_key_file", "ledger", "settle_seconds", "rescan_seconds", "polling",
+        "rate_per_second", "workers", "tags", "camera_model", "latitude", "longitude", "retain_original_video",
+        "video_transcription_prompt", "callback", "require_audio", "unique_id", "recursive",
+    ):
+        assert f"{key}:" in text, key
+
+
+def test_every_error_is_reported_at_once_with_file_and_key_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+api: {base_url: ftp://example.com, colour: blue}
+watch: {settle_seconds: -1}
+upload: {workers: many}
+folders:
+  - path: /a
+    unique_id: ""
+  - path: /b
+    latitude: abc
+    longitude: 200
+    camera_model: %s
+    tags: [%s]
+    recursive: maybe
+""" % ("x" * 201, ", ".join(f"t{i}" for i in range(21))),
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    problems = caught.value.problems
+    assert all(p.startswith(f"{path}: ") for p in problems)
+    text = "\n".join(problems)
+    assert "api.base_url: 'ftp://example.com' is not an http:// or https:// URL" in text
+    assert "api.colour: unknown key" in text
+    assert "watch.settle_seconds: -1 is too small" in text
+    assert "upload.workers: 'many' is not a number" in text
+    assert "folders[0].unique_id: must not be empty" in text
+    assert "folders[1].latitude: 'abc' is not a decimal number" in text
+    assert "folders[1].longitude: 200 is outside -180..180" in text
+    assert "folders[1].camera_model: is 201 characters, at most 200 are allowed" in text
+    assert "folders[1].tags: 21 tags, at most 20 are allowed" in text
+    assert "folders[1].recursive: 'maybe' is not true or false" in text
+    assert len(problems) == 10
+
+
+def test_folder_tags_extend_the_defaults_and_other_keys_replace_them(tmp_path: Path) -> None:
+    config = parse(
+        {
+            "defaults": {"tags": ["home", "cam"], "camera_model": "Default", "retain_original_video": False},
+            "folders": [
+                {"path": "a", "tags": ["cam", "door"], "camera_model": "Door"},
+                {"path": "b"},
+            ],
+        },
+        tmp_path / "c.yaml",
+    )
+    first, second = config.folders
+    assert first.tags == ("home", "cam", "door")
+    assert first.camera_model == "Door"
+    assert second.camera_model == "Default"
+    assert first.retain_original_video is False
+    assert first.path == tmp_path / "a"
+    assert config.upload_url == "https://api.memories.ai/serve/api/v1/upload"
+
+
+def test_merged_tags_over_the_limit_and_overlapping_folders_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            {
+                "defaults": {"tags": [f"d{i}" for i in range(15)]},
+                "folders": [
+                    {"path": "/x", "recursive": True, "tags": [f"f{i}" for i in range(6)]},
+                    {"path": "/x/y"},
+                    {"path": "/x"},
+                ],
+            },
+            tmp_path / "c.yaml",
+        )
+    text = str(caught.value)
+    assert "folders[0].tags: 21 tags with the defaults, at most 20 are allowed" in text
+    assert "folders[1].path: /x/y is inside folders[0], which is recursive" in text
+    assert "folders[2].path: /x is already folders[0]" in text
+
+
+def test_settle_seconds_zero_is_valid_for_batch_runs(tmp_path: Path) -> None:
+    config = parse({"watch": {"settle_seconds": 0}, "folders": [{"path": "v"}]}, tmp_path / "c.yaml")
+    assert config.watch.settle_seconds == 0
+
+
+def test_yaml_syntax_errors_and_missing_files_name_the_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line \d+, column \d+: not valid YAML"):
+        load(write(tmp_path, "folders:\n  - path: [unclosed\n"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="folders: required key is missing"):
+        load(write(tmp_path, "ledger: x.db\n"))
+
+
+def test_check_command_exits_non_zero_with_every_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "folders:\n  - path: /a\n    latitude: north\n    bogus: 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert f"{path}: folders[0].latitude: 'north' is not a decimal number" in result.stderr
+    assert f"{path}: folders[0].bogus: unknown key" in result.stderr
+    ok = subprocess.run(
+        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(ROOT / "config.example.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_api_key_from_environment_file_or_credentials(tmp_path: Path) -> None:
+    config = parse({"folders": [{"path": "v"}]}, tmp_path / "c.yaml")
+    assert read_api_key(config.api, {"MEMORIES_API_KEY": " k1 \n"}) == "k1"
+    key_file = tmp_path / "key"
+    key_file.write_text("k2\n")
+    with_file = parse({"api": {"api_key_file": str(key_file)}, "folders": [{"path": "v"}]}, tmp_path / "c.yaml")
+    assert read_api_key(with_file.api, {}) == "k2"
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "api-key").write_text("k3")
+    assert read_api_key(config.api, {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}) == "k3"
+    with pytest.raises(MissingApiKey, match="MEMORIES_API_KEY"):
+        read_api_key(config.api, {})

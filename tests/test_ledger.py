@@ -1,0 +1,275 @@
+"""The ledger: states, claims, changed files, restarts, and readers in other processes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from memories_ingest.ledger import (
+    FAILED,
+    GONE,
+    PENDING,
+    QUEUED,
+    REJECTED,
+    RETRYING,
+    UPLOADED,
+    UPLOADING,
+    Ledger,
+    LedgerError,
+    Pause,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Clock) -> Ledger:
+    return Ledger(tmp_path / "ledger.db", clock=clock)
+
+
+FOLDER = Path("/videos")
+
+
+def seen(ledger: Ledger, name: str, size: int = 100, mtime_ns: int = 1, inode: int = 7) -> bool:
+    return ledger.record_seen(FOLDER / name, FOLDER, "scope", size, mtime_ns, inode)
+
+
+def queue(ledger: Ledger, name: str, fingerprint: str = "fp") -> None:
+    row = ledger.get(FOLDER / name)
+    assert row is not None
+    assert ledger.mark_queued(row, fingerprint, {"video_codec": "h264"})
+
+
+def test_wal_mode_and_full_sync(ledger: Ledger) -> None:
+    assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert ledger.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_a_new_file_is_pending_and_seeing_it_unchanged_does_nothing(ledger: Ledger) -> None:
+    assert seen(ledger, "a.mp4")
+    assert not seen(ledger, "a.mp4")
+    row = ledger.get(FOLDER / "a.mp4")
+    assert row is not None and row.state == PENDING and row.unique_id == "scope"
+
+
+def test_claim_takes_each_due_row_once_and_counts_the_attempt(ledger: Ledger, clock: Clock) -> None:
+    for name in ("a.mp4", "b.mp4"):
+        seen(ledger, name)
+        queue(ledger, name)
+    first = ledger.claim([FOLDER])
+    second = ledger.claim([FOLDER])
+    assert first is not None and second is not None and first.id != second.id
+    assert first.state == UPLOADING and first.attempts == 1
+    assert ledger.claim([FOLDER]) is None
+    ledger.mark_retry(first.id, clock.now + 60, "HTTP 503")
+    assert ledger.claim([FOLDER]) is None
+    clock.now += 61
+    again = ledger.claim([FOLDER])
+    assert again is not None and again.id == first.id and again.attempts == 2
+    assert ledger.claim([Path("/elsewhere")]) is None
+
+
+def test_concurrent_claims_from_threads_never_share_a_row(ledger: Ledger) -> None:
+    for n in range(40):
+        seen(ledger, f"{n}.mp4", inode=n)
+        queue(ledger, f"{n}.mp4")
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claim_all() -> None:
+        other = Ledger(ledger.path, clock=ledger.clock)
+        while (row := other.claim([FOLDER])) is not None:
+            with lock:
+                claimed.append(row.id)
+        other.close()
+
+    threads = [threading.Thread(target=claim_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40
+
+
+def test_interrupted_uploads_go_back_to_the_queue(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    queue(ledger, "a.mp4")
+    assert ledger.claim([FOLDER]) is not None
+    reopened = Ledger(ledger.path)
+    assert reopened.requeue_interrupted() == 1
+    row = reopened.get(FOLDER / "a.mp4")
+    assert row is not None and row.state == QUEUED and row.attempts == 1
+
+
+def test_an_uploaded_file_touched_but_unchanged_keeps_its_video(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    queue(ledger, "a.mp4", "same")
+    row = ledger.claim([FOLDER])
+    assert row is not None
+    ledger.mark_uploaded(row, "VI1")
+    assert seen(ledger, "a.mp4", mtime_ns=2)
+    touched = ledger.get(FOLDER / "a.mp4")
+    assert touched is not None and touched.state == PENDING and touched.prior_state == UPLOADED
+    original = ledger.delivered_copy(touched, "same")
+    assert original is not None
+    ledger.mark_duplicate(touched, "same", original)
+    after = ledger.get(FOLDER / "a.mp4")
+    assert after is not None and after.state == UPLOADED and after.video_no == "VI1"
+
+
+def test_new_content_at_an_uploaded_path_is_a_new_video(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    queue(ledger, "a.mp4", "old")
+    row = ledger.claim([FOLDER])
+    assert row is not None
+    ledger.mark_uploaded(row, "VI1")
+    seen(ledger, "a.mp4", size=200, mtime_ns=2)
+    changed = ledger.get(FOLDER / "a.mp4")
+    assert changed is not None
+    assert ledger.delivered_copy(changed, "new") is None
+    queue(ledger, "a.mp4", "new")
+    requeued = ledger.get(FOLDER / "a.mp4")
+    assert requeued is not None and requeued.state == QUEUED and requeued.video_no is None
+    history = list(ledger.db["uploads"].rows)
+    assert [h["video_no"] for h in history] == ["VI1"]
+
+
+def test_a_copy_of_delivered_content_in_the_same_scope_is_not_sent_again(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    queue(ledger, "a.mp4", "fp")
+    row = ledger.claim([FOLDER])
+    assert row is not None
+    ledger.mark_uploaded(row, "VI1")
+    seen(ledger, "copy.mp4", inode=8)
+    copy = ledger.get(FOLDER / "copy.mp4")
+    assert copy is not None
+    original = ledger.delivered_copy(copy, "fp")
+    assert original is not None and original.video_no == "VI1"
+
+
+def test_a_queued_row_that_changes_is_not_queued_with_stale_checks(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    stale = ledger.get(FOLDER / "a.mp4")
+    assert stale is not None
+    seen(ledger, "a.mp4", size=300)
+    assert not ledger.mark_queued(stale, "fp", {})
+
+
+def test_rejected_rows_are_rechecked_only_when_the_file_changes(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    row = ledger.get(FOLDER / "a.mp4")
+    assert row is not None
+    ledger.mark_rejected(row.id, "video codec mpeg4 is not one of h264, hevc, vp9")
+    assert not seen(ledger, "a.mp4")
+    assert seen(ledger, "a.mp4", size=5)
+
+
+def test_retry_puts_failed_rows_back(ledger: Ledger) -> None:
+    for name in ("a.mp4", "b.mp4"):
+        seen(ledger, name)
+        row = ledger.get(FOLDER / name)
+        assert row is not None
+        ledger.mark_failed(row.id, "bad field")
+    assert ledger.retry([FOLDER / "a.mp4"]) == 1
+    assert ledger.counts()[FAILED] == 1
+    assert ledger.retry(None) == 1
+    assert ledger.counts()[PENDING] == 2
+
+
+def test_due_count_ignores_future_retries(ledger: Ledger, clock: Clock) -> None:
+    seen(ledger, "a.mp4")
+    assert ledger.due_count([FOLDER]) == 1
+    queue(ledger, "a.mp4")
+    row = ledger.claim([FOLDER])
+    assert row is not None
+    ledger.mark_retry(row.id, clock.now + 30, "timeout")
+    assert ledger.counts()[RETRYING] == 1
+    assert ledger.due_count([FOLDER]) == 0
+    clock.now += 31
+    assert ledger.due_count([FOLDER]) == 1
+
+
+def test_a_non_utf8_file_name_is_kept_exactly(ledger: Ledger, tmp_path: Path) -> None:
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.mp4"
+    path = Path(os.fsdecode(raw))
+    assert ledger.record_seen(path, tmp_path, None, 1, 1, 1)
+    row = ledger.get(path)
+    assert row is not None and os.fsencode(row.path) == raw
+
+
+def test_gone_rows_come_back_when_the_file_reappears(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    row = ledger.get(FOLDER / "a.mp4")
+    assert row is not None
+    ledger.mark_gone(row.id)
+    assert ledger.counts()[GONE] == 1
+    assert seen(ledger, "a.mp4")
+    assert ledger.counts()[PENDING] == 1
+
+
+def test_the_pause_is_shared_through_the_ledger(ledger: Ledger) -> None:
+    pause = Pause(reason="insufficient balance", since=1.0, until=2.0, kind="account")
+    ledger.set_pause(pause)
+    assert Ledger(ledger.path).pause() == pause
+    ledger.set_pause(None)
+    assert ledger.pause() is None
+
+
+def test_another_process_reads_while_this_one_writes(ledger: Ledger) -> None:
+    writing = threading.Event()
+    done = threading.Event()
+
+    def write_rows() -> None:
+        n = 0
+        while not done.is_set():
+            seen(ledger, f"{n}.mp4", inode=n)
+            n += 1
+            writing.set()
+
+    writer = threading.Thread(target=write_rows)
+    writer.start()
+    writing.wait()
+    try:
+        code = (
+            "import sys; from memories_ingest.ledger import Ledger;"
+            "l = Ledger(sys.argv[1]); [l.counts() for _ in range(50)]; print(sum(l.counts().values()))"
+        )
+        result = subprocess.run([sys.executable, "-c", code, str(ledger.path)], capture_output=True, text=True)
+    finally:
+        done.set()
+        writer.join()
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0
+
+
+def test_a_missing_ledger_directory_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="does not exist"):
+        Ledger(tmp_path / "missing" / "ledger.db")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LedgerError, match="does not exist"):
+        Ledger(tmp_path / "file" / "ledger.db")
+
+
+def test_integrity_after_heavy_use(ledger: Ledger) -> None:
+    for n in range(200):
+        seen(ledger, f"{n}.mp4", inode=n)
+    conn = sqlite3.connect(ledger.path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert REJECTED not in ledger.counts() or ledger.counts()[REJECTED] == 0
