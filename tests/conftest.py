@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from memories_ingest.config import Config, parse
+from memories_ingest.ledger import Ledger, Row
 from memories_ingest.samples import write_video
+from memories_ingest.sandbox import Sandbox
+from memories_ingest.uploader import Client, RetryPolicy
+from memories_ingest.worker import Daemon
 
 
 @pytest.fixture
@@ -22,3 +29,111 @@ def make_video(tmp_path: Path) -> Callable[..., Path]:
         return write_video(tmp_path / name, **options)
 
     return make
+
+
+API_KEY = "test-key"
+FAST_RETRIES = RetryPolicy(base=0.1, factor=2.0, cap=0.5, jitter=0.1)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    """The API emulator on a free loopback port; fast enough for tests, as strict as the real API."""
+    with Sandbox(api_key=API_KEY, rate_per_second=20, parse_seconds=0.2) as server:
+        yield server
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll a condition on a real clock; tests check behaviour, so the timeout is generous."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        pause.wait(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Pipeline:
+    """A daemon running in this process against the sandbox, on folders under tmp_path."""
+
+    def __init__(self, tmp_path: Path, sandbox: Sandbox, document: dict[str, Any]) -> None:
+        self.tmp_path = tmp_path
+        self.sandbox = sandbox
+        self.config: Config = parse(document, tmp_path / "config.yaml")
+        self.ledger = Ledger(self.config.ledger)
+        self.client = Client(self.config.api.base_url, API_KEY, connect_timeout=2, read_timeout=5)
+        self.daemon: Daemon | None = None
+        self.thread: threading.Thread | None = None
+        self.exit_code: int | None = None
+
+    def start(self, once: bool = False) -> Pipeline:
+        self.daemon = Daemon(
+            self.config,
+            self.ledger,
+            self.client,
+            once=once,
+            grace_seconds=2,
+            policy=FAST_RETRIES,
+            rate_limit_policy=FAST_RETRIES,
+        )
+        daemon = self.daemon
+
+        def run() -> None:
+            self.exit_code = daemon.run()
+
+        self.thread = threading.Thread(target=run, name="daemon-under-test")
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.daemon is not None and self.thread is not None:
+            self.daemon.request_stop()
+            self.thread.join(timeout=15)
+            assert not self.thread.is_alive(), "the daemon did not stop"
+        self.daemon = None
+
+    def row(self, path: Path) -> Row | None:
+        return self.ledger.get(path)
+
+    def wait_state(self, path: Path, *states: str, timeout: float = 20.0) -> Row:
+        def reached() -> Row | None:
+            row = self.ledger.get(path)
+            return row if row is not None and row.state in states else None
+
+        row: Row = wait_until(reached, timeout, f"{path.name} to become {'/'.join(states)}")
+        return row
+
+    def received_names(self) -> list[str]:
+        return sorted(video.filename for video in self.sandbox.received())
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Pipeline]]:
+    """Build (not start) a pipeline: ``pipeline(folders=[{...}], watch={...})``; folders default to one."""
+    made: list[Pipeline] = []
+
+    def build(**sections: Any) -> Pipeline:
+        watched = tmp_path / "watched"
+        watched.mkdir(exist_ok=True)
+        document: dict[str, Any] = {
+            "api": {"base_url": sandbox.url},
+            "ledger": str(tmp_path / "ledger.db"),
+            "watch": {"settle_seconds": 0.3, "rescan_seconds": 60},
+            "upload": {"rate_per_second": 20, "account_check_seconds": 0.5},
+            "folders": [{"path": str(watched), "unique_id": "test-scope"}],
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(document.get(key), dict):
+                document[key] = {**document[key], **value}
+            else:
+                document[key] = value
+        built = Pipeline(tmp_path, sandbox, document)
+        made.append(built)
+        return built
+
+    yield build
+    for built in made:
+        built.stop()
+        built.client.close()
+        built.ledger.close()

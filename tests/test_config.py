@@ -27,30 +27,48 @@ def test_the_example_config_is_valid_and_documents_every_key() -> None:
     assert config.folders[1].require_audio is True
     text = (ROOT / "config.example.yaml").read_text()
     for key in (
-        "base_url", "api_key_env", "api_key_file", "ledger", "settle_seconds", "rescan_seconds", "polling",
-        "rate_per_second", "workers", "tags", "camera_model", "latitude", "longitude", "retain_original_video",
-        "video_transcription_prompt", "callback", "require_audio", "unique_id", "recursive",
+        "base_url",
+        "api_key_env",
+        "api_key_file",
+        "ledger",
+        "settle_seconds",
+        "rescan_seconds",
+        "polling",
+        "rate_per_second",
+        "workers",
+        "tags",
+        "camera_model",
+        "latitude",
+        "longitude",
+        "retain_original_video",
+        "video_transcription_prompt",
+        "callback",
+        "require_audio",
+        "unique_id",
+        "recursive",
     ):
         assert f"{key}:" in text, key
 
 
 def test_every_error_is_reported_at_once_with_file_and_key_path(tmp_path: Path) -> None:
+    too_long = "x" * 201
+    tags = ", ".join(f"t{i}" for i in range(21))
     path = write(
         tmp_path,
-        """
-api: {base_url: ftp://example.com, colour: blue}
-watch: {settle_seconds: -1}
-upload: {workers: many}
+        f"""
+api: {{base_url: ftp://example.com, colour: blue}}
+watch: {{settle_seconds: -1}}
+upload: {{workers: many}}
 folders:
   - path: /a
     unique_id: ""
   - path: /b
     latitude: abc
     longitude: 200
-    camera_model: %s
-    tags: [%s]
+    camera_model: {too_long}
+    tags: [{tags}]
     recursive: maybe
-""" % ("x" * 201, ", ".join(f"t{i}" for i in range(21))),
+""",
     )
     with pytest.raises(ConfigError) as caught:
         load(path)
@@ -126,7 +144,9 @@ def test_yaml_syntax_errors_and_missing_files_name_the_place(tmp_path: Path) -> 
 def test_check_command_exits_non_zero_with_every_error(tmp_path: Path) -> None:
     path = write(tmp_path, "folders:\n  - path: /a\n    latitude: north\n    bogus: 1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(path)], capture_output=True, text=True
+        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert f"{path}: folders[0].latitude: 'north' is not a decimal number" in result.stderr

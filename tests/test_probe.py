@@ -63,9 +63,7 @@ def rejection_of(path: Path, *, require_audio: bool = False) -> str:
         ("CLIP.MP4", "h264", "mov,mp4,m4a,3gp,3g2,mj2"),
     ],
 )
-def test_accepts_each_codec_and_container(
-    make_video: MakeVideo, name: str, codec: str, container: str
-) -> None:
+def test_accepts_each_codec_and_container(make_video: MakeVideo, name: str, codec: str, container: str) -> None:
     path = make_video(name, codec=codec, audio=True, seconds=2, size=(96, 64))
 
     info = probe_path(path, require_audio=True)
@@ -177,9 +175,7 @@ def test_requires_audio_only_when_asked(make_video: MakeVideo) -> None:
     assert rejection_of(silent, require_audio=True) == "no audio track, and this folder requires one"
 
 
-def test_rejects_over_3_gib_without_running_the_probe(
-    make_video: MakeVideo, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_rejects_over_3_gib_without_running_the_probe(make_video: MakeVideo, monkeypatch: pytest.MonkeyPatch) -> None:
     def must_not_probe(*_: object, **__: object) -> MediaInfo:
         raise AssertionError("the probe ran on a file over the limit")
 
@@ -271,9 +267,7 @@ def test_probe_leaves_the_file_offset_alone(make_video: MakeVideo, open_fd: Call
     assert os.lseek(fd, 0, os.SEEK_CUR) == 123
 
 
-def test_check_header_reads_without_moving_the_offset(
-    make_video: MakeVideo, open_fd: Callable[[Path], int]
-) -> None:
+def test_check_header_reads_without_moving_the_offset(make_video: MakeVideo, open_fd: Callable[[Path], int]) -> None:
     path = make_video("clip.mkv", codec="vp9")
     fd = open_fd(path)
     os.lseek(fd, 5, os.SEEK_SET)

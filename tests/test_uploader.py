@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from email.utils import formatdate
@@ -102,7 +103,7 @@ def test_limiter_never_lets_two_requests_into_one_second() -> None:
     for _ in range(20):
         assert limiter.acquire(stop)
         times.append(clock.now)
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) > 1.0
     assert (times[-1] - times[0]) / 19 < 1.01
 

@@ -196,11 +196,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .sandbox import Sandbox
     from .samples import write_video
+    from .sandbox import Sandbox
 
     demo_key = "demo-key"
-    with tempfile.TemporaryDirectory(prefix="memories-ingest-demo-") as tmp, Sandbox(api_key=demo_key) as sandbox:
+    with (
+        tempfile.TemporaryDirectory(prefix="memories-ingest-demo-") as tmp,
+        Sandbox(api_key=demo_key) as sandbox,
+    ):
         watch = Path(tmp) / "camera"
         watch.mkdir()
         config = parse(

@@ -219,7 +219,8 @@ def _message(error: Any) -> str:
     bounds = {"greater_than_equal": "at least", "greater_than": "more than", "less_than_equal": "at most"}
     if kind in bounds:
         limit = next(iter(error.get("ctx", {}).values()), "")
-        return f"{error['input']!r} is too {'large' if kind.startswith('less') else 'small'}: it must be {bounds[kind]} {limit}"
+        size = "large" if kind.startswith("less") else "small"
+        return f"{error['input']!r} is too {size}: it must be {bounds[kind]} {limit}"
     if kind in ("float_parsing", "float_type", "int_parsing", "int_type"):
         return f"{error['input']!r} is not a number"
     return message
@@ -336,6 +337,4 @@ def read_api_key(api: ApiSection, environ: dict[str, str] | None = None) -> str:
         if key:
             return key
         raise MissingApiKey(f"the API key file {candidate} is empty")
-    raise MissingApiKey(
-        f"no API key: set the environment variable {api.api_key_env} or api.api_key_file in the config"
-    )
+    raise MissingApiKey(f"no API key: set the environment variable {api.api_key_env} or api.api_key_file in the config")

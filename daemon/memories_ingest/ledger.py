@@ -285,7 +285,18 @@ class Ledger:
                 "UPDATE files SET state = ?, prior_state = NULL, fingerprint = ?, media = ?, video_no = NULL,"
                 " uploaded_at = NULL, attempts = 0, error = NULL, next_attempt_at = ?, updated_at = ?"
                 " WHERE id = ? AND state = ? AND size = ? AND mtime_ns = ? AND inode = ?",
-                [QUEUED, fingerprint, json.dumps(media), now, now, row.id, PENDING, row.size, row.mtime_ns, row.inode],
+                [
+                    QUEUED,
+                    fingerprint,
+                    json.dumps(media),
+                    now,
+                    now,
+                    row.id,
+                    PENDING,
+                    row.size,
+                    row.mtime_ns,
+                    row.inode,
+                ],
             )
             return cursor.rowcount == 1
 
@@ -426,9 +437,7 @@ class Ledger:
         return [Row.from_sql(r) for r in found]
 
     def next_retry(self) -> Row | None:
-        found = self._read(
-            "SELECT * FROM files WHERE state = ? ORDER BY next_attempt_at LIMIT 1", [RETRYING]
-        )
+        found = self._read("SELECT * FROM files WHERE state = ? ORDER BY next_attempt_at LIMIT 1", [RETRYING])
         return Row.from_sql(found[0]) if found else None
 
     def due_count(self, folders: Iterable[Path]) -> int:

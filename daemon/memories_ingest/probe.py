@@ -135,9 +135,7 @@ def check_header(fd: int, size: int) -> None:
         raise Rejection(_NOT_A_CONTAINER)
 
 
-def probe_path(
-    path: str | os.PathLike[str], *, require_audio: bool = False, timeout: float = 30.0
-) -> MediaInfo:
+def probe_path(path: str | os.PathLike[str], *, require_audio: bool = False, timeout: float = 30.0) -> MediaInfo:
     """Check and probe the file at ``path``; raise :class:`Rejection` if it will not be uploaded.
 
     Only regular files are opened: a FIFO would block the open, and a symlink could point
@@ -410,9 +408,7 @@ def _describe(container: InputContainer, *, require_audio: bool) -> MediaInfo:
         raise Rejection("no audio track, and this folder requires one")
 
     first_frame = _decode_first_frame(container, video)
-    tags = {
-        key.lower(): value[:_MAX_TAG_CHARS] for key, value in list(container.metadata.items())[:_MAX_TAGS]
-    }
+    tags = {key.lower(): value[:_MAX_TAG_CHARS] for key, value in list(container.metadata.items())[:_MAX_TAGS]}
     stream_creation_tags = (stream.metadata.get("creation_time") for stream in container.streams)
     creation_tag = container.metadata.get("creation_time") or next(filter(None, stream_creation_tags), None)
     return MediaInfo(

@@ -78,9 +78,7 @@ def write_video(
         video = output.add_stream(encoder, rate=fps, options=_ENCODER_OPTIONS[encoder])
         video.width, video.height = width, height
         video.pix_fmt = "yuv420p"
-        sound = (
-            output.add_stream("mp2" if muxer == "avi" else "aac", rate=_AUDIO_SAMPLE_RATE) if audio else None
-        )
+        sound = output.add_stream("mp2" if muxer == "avi" else "aac", rate=_AUDIO_SAMPLE_RATE) if audio else None
         if sound is not None:
             sound.layout = "mono"
             sound.bit_rate = 64_000
@@ -127,11 +125,7 @@ def faststart_padding(path: str | os.PathLike[str], total_bytes: int, *, sparse:
     with open(target, "r+b") as file:
         current_size = os.fstat(file.fileno()).st_size
         box_order = [box.kind for box in iter_top_level_boxes(file.fileno(), current_size)]
-        if (
-            "moov" not in box_order
-            or "mdat" not in box_order
-            or box_order.index("moov") > box_order.index("mdat")
-        ):
+        if "moov" not in box_order or "mdat" not in box_order or box_order.index("moov") > box_order.index("mdat"):
             raise ValueError(f"{target.name} is not a faststart MP4 (moov must come before mdat)")
 
         padding = total_bytes - current_size

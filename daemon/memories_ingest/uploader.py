@@ -170,8 +170,14 @@ class _BlockReader:
 
 
 ACCOUNT_PATTERNS = (
-    ("the API key was refused", re.compile(r"api[ _-]?key|apikey|unauthori[sz]ed|forbidden|token|auth", re.I)),
-    ("the account's balance is insufficient", re.compile(r"balance|credit|recharge|quota|arrear|payment", re.I)),
+    (
+        "the API key was refused",
+        re.compile(r"api[ _-]?key|apikey|unauthori[sz]ed|forbidden|token|auth", re.I),
+    ),
+    (
+        "the account's balance is insufficient",
+        re.compile(r"balance|credit|recharge|quota|arrear|payment", re.I),
+    ),
     (
         "the account reached its indexing cap",
         re.compile(r"index|pars(e|ing)|concurren|in progress|unparsed", re.I),

@@ -159,7 +159,11 @@ class Watcher:
                     _Handler(self.recorder, folder, self.rescan), str(folder.path), recursive=folder.recursive
                 )
             except OSError as error:
-                log.error("cannot watch a folder; the rescan still covers it", path=str(folder.path), error=str(error))
+                log.error(
+                    "cannot watch a folder; the rescan still covers it",
+                    path=str(folder.path),
+                    error=str(error),
+                )
                 continue
             self.watched.add(folder.path)
             log.info("watching", path=str(folder.path), unique_id=folder.unique_id, recursive=folder.recursive)

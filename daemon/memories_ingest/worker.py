@@ -12,7 +12,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,12 +21,22 @@ import structlog
 from . import probe
 from .config import Config, Folder
 from .ledger import Ledger, Pause, Row
-from .uploader import Abandoned, Client, FileChanged, Outcome, RateLimiter, RetryPolicy, SnapshotReader, fingerprint
+from .uploader import (
+    Abandoned,
+    Client,
+    FileChanged,
+    Outcome,
+    RateLimiter,
+    RetryPolicy,
+    SnapshotReader,
+    fingerprint,
+)
 from .watcher import Recorder, Watcher
 
 log = structlog.get_logger()
 
 UNRECOGNISED_ATTEMPTS = 3
+FILE_RETRY_POLICY = RetryPolicy()
 RATE_LIMIT_POLICY = RetryPolicy(base=2.0, factor=2.0, cap=120.0, jitter=0.3)
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -66,9 +76,16 @@ class Gate:
     When a pause ends, one request goes out first as a probe; the rest wait for its answer.
     """
 
-    def __init__(self, ledger: Ledger, account_check_seconds: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        account_check_seconds: float,
+        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.ledger = ledger
         self.account_check_seconds = account_check_seconds
+        self.rate_limit_policy = rate_limit_policy
         self.clock = clock
         self._lock = threading.Lock()
         self._pause: Pause | None = ledger.pause()
@@ -104,7 +121,7 @@ class Gate:
         with self._lock:
             self._rate_limit_streak += 1
             streak = self._rate_limit_streak
-        seconds = max(RATE_LIMIT_POLICY.delay(streak), outcome.retry_after or 0.0)
+        seconds = max(self.rate_limit_policy.delay(streak), outcome.retry_after or 0.0)
         self._hold("rate_limit", f"rate limited by the server ({outcome.message})", seconds)
         log.warning("rate limited: holding every upload", seconds=round(seconds, 1), streak=streak)
         return seconds
@@ -205,7 +222,10 @@ class Scanner(Worker):
             started = time.monotonic()
             changed = self.recorder.scan(folder)
             log.info(
-                "scanned", path=str(folder.path), new_or_changed=changed, seconds=round(time.monotonic() - started, 3)
+                "scanned",
+                path=str(folder.path),
+                new_or_changed=changed,
+                seconds=round(time.monotonic() - started, 3),
             )
 
     def initialize(self) -> None:
@@ -350,7 +370,7 @@ class UploadWorker(Worker):
         gate: Gate,
         uploads_ready: threading.Event,
         abandon: threading.Event,
-        policy: RetryPolicy = RetryPolicy(),
+        policy: RetryPolicy = FILE_RETRY_POLICY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(stop)
@@ -424,7 +444,7 @@ class UploadWorker(Worker):
             return
         self.record(row, outcome, context)
 
-    def record(self, row: Row, outcome: Outcome, context: dict[str, object]) -> None:
+    def record(self, row: Row, outcome: Outcome, context: Mapping[str, object]) -> None:
         if outcome.kind == "uploaded":
             assert outcome.video_no is not None
             self.ledger.mark_uploaded(row, outcome.video_no)
@@ -450,7 +470,11 @@ class UploadWorker(Worker):
             delay = max(self.policy.delay(row.attempts), outcome.retry_after or 0.0)
             self.ledger.mark_retry(row.id, self.clock() + delay, outcome.message)
             log.warning(
-                "upload failed; will retry", state="retrying", reason=outcome.message, retry_in=round(delay, 1), **context
+                "upload failed; will retry",
+                state="retrying",
+                reason=outcome.message,
+                retry_in=round(delay, 1),
+                **context,
             )
 
 
@@ -469,6 +493,8 @@ class Daemon:
         *,
         once: bool = False,
         grace_seconds: float = 20.0,
+        policy: RetryPolicy = FILE_RETRY_POLICY,
+        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -480,7 +506,7 @@ class Daemon:
         self.abandon = threading.Event()
         self.wake = threading.Event()
         self.uploads_ready = threading.Event()
-        self.gate = Gate(ledger, config.upload.account_check_seconds, clock)
+        self.gate = Gate(ledger, config.upload.account_check_seconds, rate_limit_policy, clock)
         self.recorder = Recorder(config, ledger, self.wake)
         self.watcher = None if once else Watcher(config, self.recorder, lambda path: self.scanner.request(path))
         self.scanner = Scanner(self.stop, config, self.recorder, self.watcher)
@@ -488,7 +514,17 @@ class Daemon:
         limiter = RateLimiter(config.upload.rate_per_second)
         self.uploaders = [
             UploadWorker(
-                self.stop, n, config, ledger, client, limiter, self.gate, self.uploads_ready, self.abandon, clock=clock
+                self.stop,
+                n,
+                config,
+                ledger,
+                client,
+                limiter,
+                self.gate,
+                self.uploads_ready,
+                self.abandon,
+                policy,
+                clock,
             )
             for n in range(1, config.upload.workers + 1)
         ]

@@ -1,0 +1,159 @@
+"""The command line, run as real subprocesses: run, status, list, retry, probe and demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import API_KEY, wait_until
+from memories_ingest.ledger import FAILED, UPLOADED, Ledger
+from memories_ingest.samples import write_video
+from memories_ingest.sandbox import Sandbox
+
+COMMAND = [sys.executable, "-m", "memories_ingest.cli"]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, sandbox: Sandbox) -> Path:
+    (tmp_path / "watched").mkdir()
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "api": {"base_url": sandbox.url},
+                "ledger": "ledger.db",
+                "watch": {"settle_seconds": 0.3},
+                "upload": {"rate_per_second": 20},
+                "folders": [{"path": "watched", "unique_id": "cli", "tags": ["cli"]}],
+            }
+        )
+    )
+    return path
+
+
+def environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "MEMORIES_API_KEY": API_KEY, **extra}
+
+
+def cli(*args: str, config: Path | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    options = ["-c", str(config)] if config else []
+    return subprocess.run(
+        [*COMMAND, *args, *options], capture_output=True, text=True, env=environment(), timeout=120, **kwargs
+    )
+
+
+def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*COMMAND, "run", "-c", str(config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
+
+
+def uploaded(ledger_path: Path, path: Path) -> bool:
+    ledger = Ledger(ledger_path)
+    try:
+        row = ledger.get(path)
+        return row is not None and row.state == UPLOADED
+    finally:
+        ledger.close()
+
+
+def test_run_status_list_and_no_second_upload_after_a_restart(
+    config_file: Path, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    daemon = start_daemon(config_file)
+    try:
+        wait_until(lambda: uploaded(tmp_path / "ledger.db", video), what="the upload")
+        status = cli("status", "--json", config=config_file)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["counts"][UPLOADED] == 1
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, stderr
+    assert API_KEY not in stderr
+    events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "uploaded" in events and "stopped" in events
+
+    again = start_daemon(config_file)
+    try:
+        threading.Event().wait(2.0)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=30)
+    assert len(sandbox.received()) == 1
+
+    listing = cli("list", "--json", config=config_file)
+    (row,) = json.loads(listing.stdout)
+    assert row["path"] == str(video) and row["state"] == UPLOADED and row["video_no"].startswith("VI")
+    assert {"unique_id", "attempts", "error"} <= row.keys()
+
+
+def test_run_once_exits_zero_after_uploading(config_file: Path, tmp_path: Path, sandbox: Sandbox) -> None:
+    write_video(tmp_path / "watched" / "a.mkv", codec="vp9")
+    result = cli("run", "--once", config=config_file)
+    assert result.returncode == 0, result.stderr
+    assert [v.filename for v in sandbox.received()] == ["a.mkv"]
+
+
+def test_run_refuses_a_bad_config_before_doing_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("folders:\n  - path: x\n    latitude: abc\nwatch:\n  settle: 3\n")
+    result = cli("run", config=bad)
+    assert result.returncode == 78
+    assert f"{bad}: folders[0].latitude: 'abc' is not a decimal number" in result.stderr
+    assert f"{bad}: watch.settle: unknown key" in result.stderr
+    assert not (tmp_path / "ledger.db").exists()
+
+
+def test_run_without_a_key_says_where_to_put_it(config_file: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MEMORIES_API_KEY"}
+    result = subprocess.run([*COMMAND, "run", "-c", str(config_file)], capture_output=True, text=True, env=env)
+    assert result.returncode == 78
+    assert "MEMORIES_API_KEY" in result.stderr
+
+
+def test_retry_puts_failed_files_back(config_file: Path, tmp_path: Path, sandbox: Sandbox) -> None:
+    sandbox.inject("invalid_field", msg="callback is not a valid URL")
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    assert cli("run", "--once", config=config_file).returncode == 0
+    failed = json.loads(cli("list", "--state", FAILED, "--json", config=config_file).stdout)
+    assert [r["path"] for r in failed] == [str(video)]
+    assert "callback is not a valid URL" in failed[0]["error"]
+    result = cli("retry", "--all-failed", config=config_file)
+    assert result.returncode == 0 and "1 file(s)" in result.stdout
+    assert cli("run", "--once", config=config_file).returncode == 0
+    assert uploaded(tmp_path / "ledger.db", video)
+
+
+def test_probe_explains_a_file(tmp_path: Path) -> None:
+    good = write_video(tmp_path / "good.mp4", metadata={"creation_time": "2024-01-02T03:04:05Z"})
+    result = cli("probe", str(good))
+    assert result.returncode == 0
+    report = json.loads(result.stdout)
+    assert report["accepted"] and report["video_codec"] == "h264"
+    bad = write_video(tmp_path / "bad.mp4", codec="mpeg4")
+    rejected = cli("probe", str(bad))
+    assert rejected.returncode == 1
+    assert json.loads(rejected.stdout)["reason"] == "video codec mpeg4 is not one of h264, hevc, vp9"
+
+
+def test_the_demo_uploads_a_sample_video_to_the_sandbox() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MEMORIES_API_KEY"}
+    result = subprocess.run([*COMMAND, "demo"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert '"state": "uploaded"' in result.stdout
+    assert "the sandbox received" in result.stdout

@@ -1,0 +1,311 @@
+"""The whole pipeline against the sandbox: watch, settle, validate, upload, retry, and restart."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import Pipeline, wait_until
+from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED
+from memories_ingest.samples import write_video
+
+Build = Callable[..., Pipeline]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "content_type"),
+    [
+        ("h264.mp4", "h264", "video/mp4"),
+        ("hevc.mp4", "hevc", "video/mp4"),
+        ("vp9.mkv", "vp9", "video/x-matroska"),
+        ("h264.mov", "h264", "video/quicktime"),
+        ("h264.avi", "h264", "video/x-msvideo"),
+        ("UPPER.MP4", "h264", "video/mp4"),
+    ],
+)
+def test_each_codec_and_container_is_uploaded_with_its_fields(
+    pipeline: Build, tmp_path: Path, name: str, codec: str, content_type: str
+) -> None:
+    run = pipeline(
+        defaults={"tags": ["home", "cam"], "camera_model": "Door Cam", "retain_original_video": False},
+        folders=[
+            {
+                "path": str(tmp_path / "watched"),
+                "unique_id": "front-door",
+                "tags": ["cam", "outdoor"],
+                "latitude": 51.5,
+                "longitude": "-0.12",
+                "callback": "http://127.0.0.1:9/cb",
+            }
+        ],
+    ).start()
+    video = write_video(tmp_path / "watched" / name, codec=codec, metadata={"creation_time": "2024-05-06T07:08:09Z"})
+    row = run.wait_state(video, UPLOADED)
+    assert row.video_no and row.video_no.startswith("VI")
+    (received,) = run.sandbox.received()
+    assert received.video_no == row.video_no
+    assert received.filename == name
+    assert received.content_type == content_type
+    assert received.sha256 == sha256(video)
+    assert received.unique_id == "front-door"
+    assert received.tags == ["home", "cam", "outdoor"]
+    assert received.fields["camera_model"] == ["Door Cam"]
+    assert received.fields["latitude"] == ["51.5"] and received.fields["longitude"] == ["-0.12"]
+    assert received.fields["retain_original_video"] == ["false"]
+    assert received.fields["callback"] == ["http://127.0.0.1:9/cb"]
+    if not name.endswith(".avi"):
+        taken = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        assert received.fields["datetime_taken"] == [taken]
+
+
+def test_capture_time_falls_back_to_the_files_mtime(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline()
+    video = write_video(tmp_path / "plain.avi")
+    os.utime(video, (1_700_000_000, 1_700_000_000))
+    shutil.move(video, tmp_path / "watched" / "plain.avi")
+    run.start()
+    run.wait_state(tmp_path / "watched" / "plain.avi", UPLOADED)
+    expected = datetime.fromtimestamp(1_700_000_000).strftime("%Y-%m-%d %H:%M:%S")
+    assert run.sandbox.received()[0].fields["datetime_taken"] == [expected]
+
+
+def test_bad_files_are_rejected_with_reasons_and_never_sent(pipeline: Build, tmp_path: Path) -> None:
+    watched = tmp_path / "watched"
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "notes.txt").write_text("not a video")
+    (staging / "empty.mp4").write_bytes(b"")
+    (staging / "noise.mp4").write_bytes(os.urandom(4096))
+    write_video(staging / "old.mp4", codec="mpeg4")
+    whole = write_video(tmp_path / "whole.mp4", seconds=2).read_bytes()
+    (staging / "cut.mp4").write_bytes(whole[: len(whole) // 2])
+    write_video(staging / "silent.mov")
+    with (staging / "huge.mp4").open("wb") as huge:
+        huge.write(b"\x00\x00\x00\x18ftypisom")
+        huge.truncate(3 * 1024**3 + 1)
+    audio_folder = tmp_path / "interviews"
+    audio_folder.mkdir()
+    run = pipeline(
+        folders=[
+            {"path": str(watched), "unique_id": "a"},
+            {"path": str(audio_folder), "unique_id": "b", "require_audio": True},
+        ]
+    ).start()
+    for item in staging.iterdir():
+        target = audio_folder if item.name == "silent.mov" else watched
+        shutil.move(item, target / item.name)
+    expected = {
+        watched / "notes.txt": "extension .txt is not a video extension",
+        watched / "empty.mp4": "file is empty",
+        watched / "noise.mp4": "content is not an MP4/MOV, MKV or AVI container",
+        watched / "old.mp4": "video codec mpeg4 is not one of h264, hevc, vp9",
+        watched / "cut.mp4": "the file is truncated or corrupt",
+        audio_folder / "silent.mov": "no audio track, and this folder requires one",
+        watched / "huge.mp4": "over the 3 GiB limit",
+    }
+    for path, reason in expected.items():
+        row = run.wait_state(path, REJECTED)
+        assert row.error is not None and reason in row.error, (path.name, row.error)
+    assert run.sandbox.received() == []
+
+
+def test_a_slow_writer_gives_one_upload_of_the_final_bytes(pipeline: Build, tmp_path: Path) -> None:
+    source = write_video(tmp_path / "source.mp4", seconds=3, size=(128, 128))
+    data = source.read_bytes()
+    run = pipeline(watch={"settle_seconds": 1.0}).start()
+    target = tmp_path / "watched" / "growing.mp4"
+    pause = threading.Event()
+    chunk = max(1, len(data) // 12)
+    with target.open("wb") as out:
+        for start in range(0, len(data), chunk):
+            out.write(data[start : start + chunk])
+            out.flush()
+            pause.wait(0.3)
+    run.wait_state(target, UPLOADED)
+    pause.wait(1.0)
+    (received,) = run.sandbox.received()
+    assert received.sha256 == hashlib.sha256(data).hexdigest()
+    assert received.size == len(data)
+
+
+def test_files_present_before_start_and_moved_in_are_uploaded(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline()
+    before = write_video(tmp_path / "watched" / "before.mp4")
+    run.start()
+    outside = write_video(tmp_path / "outside.mkv", codec="vp9")
+    moved = tmp_path / "watched" / "moved.mkv"
+    outside.rename(moved)
+    run.wait_state(before, UPLOADED)
+    run.wait_state(moved, UPLOADED)
+    assert run.received_names() == ["before.mp4", "moved.mkv"]
+
+
+def test_temporary_and_hidden_names_are_ignored_until_renamed(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline().start()
+    partial = write_video(tmp_path / "watched" / "clip.mp4.part")
+    hidden = write_video(tmp_path / "watched" / ".clip.mp4")
+    threading.Event().wait(1.0)
+    assert run.row(partial) is None and run.row(hidden) is None
+    final = tmp_path / "watched" / "clip.mp4"
+    partial.rename(final)
+    run.wait_state(final, UPLOADED)
+    assert run.received_names() == ["clip.mp4"]
+
+
+def test_recursive_folders_and_directories_created_with_files(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(folders=[{"path": str(tmp_path / "watched"), "unique_id": "r", "recursive": True}]).start()
+    tree = tmp_path / "day"
+    (tree / "hour").mkdir(parents=True)
+    write_video(tree / "hour" / "a.mp4")
+    write_video(tree / "b.mp4")
+    tree.rename(tmp_path / "watched" / "day")
+    run.wait_state(tmp_path / "watched" / "day" / "hour" / "a.mp4", UPLOADED)
+    run.wait_state(tmp_path / "watched" / "day" / "b.mp4", UPLOADED)
+
+
+def test_the_rescan_finds_what_was_added_while_the_daemon_was_down(pipeline: Build, tmp_path: Path) -> None:
+    first = pipeline().start()
+    one = write_video(tmp_path / "watched" / "one.mp4")
+    first.wait_state(one, UPLOADED)
+    first.stop()
+    two = write_video(tmp_path / "watched" / "two.mp4", seconds=2)
+    second = pipeline()
+    second.start()
+    second.wait_state(two, UPLOADED)
+    assert second.received_names() == ["one.mp4", "two.mp4"]
+
+
+def test_rate_limit_storms_5xx_and_resets_end_with_each_file_uploaded_once(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(upload={"workers": 2})
+    run.sandbox.inject("rate_limit", times=3)
+    run.sandbox.inject("server_error", times=2, status=503)
+    run.sandbox.inject("reset", times=2)
+    run.sandbox.inject("rate_limit", times=2, http_status=429, retry_after="1")
+    names = [f"clip{n}.mp4" for n in range(6)]
+    for n, name in enumerate(names):
+        write_video(tmp_path / "watched" / name, seconds=1 + n / 10)
+    run.start()
+    for name in names:
+        run.wait_state(tmp_path / "watched" / name, UPLOADED, timeout=40)
+    assert run.received_names() == sorted(names)
+    codes = [r.code for r in run.sandbox.requests()]
+    assert codes.count("0429") >= 5
+    assert run.ledger.counts()[FAILED] == 0
+
+
+def test_requests_never_exceed_the_configured_rate_while_retrying(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(upload={"rate_per_second": 5, "workers": 3})
+    run.sandbox.inject("server_error", times=4)
+    for n in range(8):
+        write_video(tmp_path / "watched" / f"v{n}.mp4", seconds=1 + n / 10)
+    run.start()
+    for n in range(8):
+        run.wait_state(tmp_path / "watched" / f"v{n}.mp4", UPLOADED, timeout=40)
+    arrivals = sorted(r.arrived_at for r in run.sandbox.requests())
+    for index, start in enumerate(arrivals):
+        assert len([t for t in arrivals[index:] if t < start + 1.0]) <= 5
+
+
+def test_account_refusals_pause_everything_and_resume_by_themselves(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline()
+    run.sandbox.set_account("insufficient_balance")
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    run.start()
+    wait_until(lambda: run.ledger.pause(), what="the pause")
+    pause = run.ledger.pause()
+    assert pause is not None and "balance" in pause.reason
+    threading.Event().wait(1.5)
+    row = run.row(video)
+    assert row is not None and row.state not in (FAILED, UPLOADED)
+    refused = len(run.sandbox.requests())
+    assert refused <= 4, "a paused account must not be hammered"
+    run.sandbox.set_account("ok")
+    run.wait_state(video, UPLOADED)
+    wait_until(lambda: run.ledger.pause() is None, what="the pause to clear")
+
+
+@pytest.mark.parametrize("state", ["bad_key", "indexing_cap"])
+def test_bad_keys_and_the_indexing_cap_never_fail_a_file(pipeline: Build, tmp_path: Path, state: str) -> None:
+    run = pipeline()
+    run.sandbox.set_account(state)
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    run.start()
+    wait_until(lambda: run.ledger.pause(), what="the pause")
+    run.sandbox.set_account("ok")
+    run.wait_state(video, UPLOADED)
+    assert run.ledger.counts()[FAILED] == 0
+
+
+def test_an_invalid_field_fails_the_file_with_the_servers_message(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline()
+    run.sandbox.inject("invalid_field", msg="camera_model is too long")
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    run.start()
+    row = run.wait_state(video, FAILED)
+    assert row.error is not None and "camera_model is too long" in row.error
+
+
+def test_transient_failures_are_scheduled_in_the_ledger(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline()
+    run.sandbox.inject("server_error", times=1, status=502)
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    run.start()
+    row = run.wait_state(video, RETRYING, UPLOADED)
+    final = run.wait_state(video, UPLOADED)
+    assert final.attempts == 2 or row.state == UPLOADED
+
+
+def test_touching_an_uploaded_file_does_not_send_it_again(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(watch={"rescan_seconds": 1}).start()
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    first = run.wait_state(video, UPLOADED)
+    os.utime(video)
+    wait_until(lambda: (r := run.row(video)) and r.mtime_ns == video.stat().st_mtime_ns and r.state == UPLOADED)
+    threading.Event().wait(1.5)
+    row = run.row(video)
+    assert row is not None and row.state == UPLOADED and row.video_no == first.video_no
+    assert len(run.sandbox.received()) == 1
+
+
+def test_new_content_at_an_uploaded_path_is_uploaded_as_a_new_video(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline().start()
+    video = write_video(tmp_path / "watched" / "a.mp4", seconds=1)
+    first = run.wait_state(video, UPLOADED)
+    replacement = write_video(tmp_path / "b.mp4", seconds=2)
+    replacement.replace(video)
+    wait_until(lambda: len(run.sandbox.received()) == 2, what="the second upload")
+    second = run.wait_state(video, UPLOADED)
+    assert second.video_no != first.video_no
+
+
+def test_a_copy_in_the_same_scope_is_not_uploaded_twice(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline().start()
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    first = run.wait_state(video, UPLOADED)
+    copy = tmp_path / "watched" / "copy-of-a.mp4"
+    shutil.copy(video, copy)
+    row = run.wait_state(copy, UPLOADED)
+    assert row.video_no == first.video_no and row.error and "same content" in row.error
+    assert len(run.sandbox.received()) == 1
+
+
+def test_run_once_exits_when_only_future_retries_remain(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(watch={"settle_seconds": 0})
+    write_video(tmp_path / "watched" / "a.mp4")
+    write_video(tmp_path / "watched" / "b.mp4", seconds=2)
+    run.start(once=True)
+    assert run.thread is not None
+    run.thread.join(timeout=30)
+    assert not run.thread.is_alive() and run.exit_code == 0
+    assert run.received_names() == ["a.mp4", "b.mp4"]
