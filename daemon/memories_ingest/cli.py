@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -212,7 +212,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "ledger": str(Path(tmp) / "ledger.db"),
                 "watch": {"settle_seconds": 1},
                 "defaults": {"tags": ["demo"]},
-                "folders": [{"path": str(watch), "unique_id": "demo-garden", "tags": ["garden"]}],
+                "folders": [
+                    {
+                        "path": str(watch),
+                        "unique_id": "demo-garden",
+                        "tags": ["garden"],
+                        "camera_model": "Demo Cam",
+                        "latitude": 51.5007,
+                        "longitude": -0.1246,
+                    }
+                ],
             },
             Path(tmp) / "config.yaml",
         )
@@ -223,7 +232,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         runner = threading.Thread(target=daemon.run, name="daemon")
         runner.start()
         target = watch / "garden.mp4"
-        partial = write_video(watch / "garden.mp4.part", seconds=2, audio=True)
+        recorded = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        partial = write_video(watch / "garden.mp4.part", seconds=2, audio=True, metadata={"creation_time": recorded})
         partial.rename(target)
         deadline = time.monotonic() + 60
         row = ledger.get(target)
