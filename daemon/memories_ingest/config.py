@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -71,6 +71,12 @@ def _tags(value: Any) -> list[str]:
     return tags
 
 
+def _polling(value: Any) -> bool | str:
+    if value is True or value is False or value == "auto":
+        return bool(value) if value != "auto" else "auto"
+    raise ValueError(f"{value!r} is not true, false or auto")
+
+
 Latitude = Annotated[str | None, BeforeValidator(_latitude)]
 Longitude = Annotated[str | None, BeforeValidator(_longitude)]
 Tags = Annotated[list[str], BeforeValidator(_tags)]
@@ -98,7 +104,10 @@ class ApiSection(_Strict):
 class WatchSection(_Strict):
     settle_seconds: float = Field(5.0, ge=0)
     rescan_seconds: float = Field(300.0, gt=0)
-    polling: bool = False
+    polling: Annotated[bool | Literal["auto"], BeforeValidator(_polling)] = "auto"
+    follow_symlinks: bool = False
+    hardlinks: Literal["upload", "reject"] = "upload"
+    other_owners: Literal["upload", "reject"] = "upload"
 
 
 class UploadSection(_Strict):
@@ -106,6 +115,8 @@ class UploadSection(_Strict):
     workers: int = Field(1, ge=1, le=16)
     probe_timeout_seconds: float = Field(30.0, gt=0)
     account_check_seconds: float = Field(600.0, gt=0)
+    min_bytes_per_second: int = Field(32 * 1024, ge=1024)
+    max_indexing: int | None = Field(None, ge=1)
 
 
 class FolderFields(_Strict):
@@ -213,6 +224,8 @@ def _message(error: Any) -> str:
     message = message.removeprefix("Value error, ")
     if kind in ("bool_type", "bool_parsing"):
         return f"{error['input']!r} is not true or false"
+    if kind == "literal_error":
+        return f"{error['input']!r} is not one of {error.get('ctx', {}).get('expected', '')}"
     if kind in ("string_too_long",):
         limit = error.get("ctx", {}).get("max_length")
         return f"is {len(error['input'])} characters, at most {limit} are allowed"

@@ -142,7 +142,7 @@ class Watcher:
         self.config = config
         self.recorder = recorder
         self.rescan = rescan
-        self.observer: BaseObserver = PollingObserver(timeout=2) if config.watch.polling else Observer()
+        self.observer: BaseObserver = PollingObserver(timeout=2) if config.watch.polling is True else Observer()
         self.watched: set[Path] = set()
 
     def start(self) -> None:
