@@ -92,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         key,
         connect_timeout=config.api.connect_timeout_seconds,
         read_timeout=config.api.read_timeout_seconds,
+        min_bytes_per_second=config.upload.min_bytes_per_second,
     )
     daemon = Daemon(config, ledger, client, once=args.once)
 

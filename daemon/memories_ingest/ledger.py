@@ -86,6 +86,12 @@ def create_files(db: Database) -> None:
     db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+@migrations()
+def add_sent_at(db: Database) -> None:
+    """When the last byte of an upload was handed to the socket: until an answer is stored, it is uncertain."""
+    db.execute("ALTER TABLE files ADD COLUMN sent_at REAL")
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or written; the message says what to fix."""
 
@@ -111,6 +117,7 @@ class Row:
     created_at: float
     updated_at: float
     uploaded_at: float | None
+    sent_at: float | None
 
     @classmethod
     def from_sql(cls, record: sqlite3.Row) -> Row:
@@ -349,19 +356,30 @@ class Ledger:
             )
         return self.get_id(found["id"])
 
-    def mark_uploaded(self, row: Row, video_no: str) -> None:
+    def mark_uploaded(self, row: Row, video_no: str, note: str | None = None) -> None:
         now = self.clock()
         with self._write() as conn:
             conn.execute(
-                "UPDATE files SET state = ?, video_no = ?, error = NULL, next_attempt_at = NULL, uploaded_at = ?,"
-                " updated_at = ? WHERE id = ?",
-                [UPLOADED, video_no, now, now, row.id],
+                "UPDATE files SET state = ?, video_no = ?, error = ?, next_attempt_at = NULL, uploaded_at = ?,"
+                " sent_at = NULL, updated_at = ? WHERE id = ?",
+                [UPLOADED, video_no, note, now, now, row.id],
             )
             conn.execute(
                 "INSERT INTO uploads (file_id, path, unique_id, fingerprint, size, video_no, uploaded_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [row.id, _key(row.path), row.unique_id, row.fingerprint, row.size, video_no, now],
             )
+
+    def mark_sent(self, row_id: int) -> None:
+        """The whole body is about to reach the server: from here until an answer is stored, it may have landed."""
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute("UPDATE files SET sent_at = ?, updated_at = ? WHERE id = ?", [now, now, row_id])
+
+    def mark_answered(self, row_id: int) -> None:
+        """The server answered without taking the file: the upload is no longer uncertain."""
+        with self._write() as conn:
+            conn.execute("UPDATE files SET sent_at = NULL WHERE id = ?", [row_id])
 
     def mark_retry(self, row_id: int, at: float, error: str) -> None:
         now = self.clock()
@@ -371,8 +389,22 @@ class Ledger:
                 [RETRYING, at, error, now, row_id],
             )
 
+    def delivered_video_numbers(self) -> set[str]:
+        return {r[0] for r in self._read("SELECT video_no FROM uploads")}
+
+    def uploads_since(self, since: float) -> list[float]:
+        """When each upload acknowledged after `since` was made, oldest first, for files not yet indexed."""
+        rows = self._read(
+            "SELECT uploads.uploaded_at FROM uploads JOIN files ON files.id = uploads.file_id"
+            " WHERE uploads.uploaded_at > ? AND NOT (files.video_no = uploads.video_no AND files.state IN (?, ?))"
+            " ORDER BY uploads.uploaded_at",
+            [since, INDEXED, INDEX_FAILED],
+        )
+        return [r[0] for r in rows]
+
     def mark_failed(self, row_id: int, error: str) -> None:
         self._finish(row_id, FAILED, error)
+        self.mark_answered(row_id)
 
     def release(self, row_id: int, note: str | None = None) -> None:
         """Back to the queue, not counted as an attempt: the file was not at fault."""

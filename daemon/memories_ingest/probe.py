@@ -12,6 +12,8 @@ description, so the caller's file offset is never moved (Linux only, like the da
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import re
@@ -133,6 +135,49 @@ def check_header(fd: int, size: int) -> None:
         raise Rejection(f"file is {size / _GIB:.1f} GiB, over the {MAX_BYTES / _GIB:g} GiB limit")
     if _container_family(os.pread(fd, 12, 0)) is None:
         raise Rejection(_NOT_A_CONTAINER)
+
+
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def open_beneath(root: Path, path: Path, *, follow_symlinks: bool = False) -> Iterator[tuple[int, os.stat_result]]:
+    """Open a regular file inside root, one component at a time, never through a symlink and never blocking.
+
+    Each directory below root is opened relative to its parent with O_NOFOLLOW, so a symlink swapped in
+    anywhere in the path (not just the last component) fails the open instead of leading outside the
+    watched folder. O_NONBLOCK: should the name be swapped for a FIFO, the open still returns.
+    """
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise Rejection(f"{path} is outside the watched folder {root}") from None
+    if not parts:
+        raise Rejection("not a regular file (it is a directory)")
+    try:
+        if follow_symlinks:
+            fd = os.open(path, _OPEN_FILE & ~os.O_NOFOLLOW)
+        else:
+            directory = os.open(root, _OPEN_DIRECTORY & ~os.O_NOFOLLOW)
+            try:
+                for part in parts[:-1]:
+                    below = os.open(part, _OPEN_DIRECTORY, dir_fd=directory)
+                    os.close(directory)
+                    directory = below
+                fd = os.open(parts[-1], _OPEN_FILE, dir_fd=directory)
+            finally:
+                os.close(directory)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Rejection("the path goes through a symbolic link, and symlinks are not followed") from None
+        raise
+    try:
+        status = os.fstat(fd)
+        _require_regular_file(status.st_mode)
+        yield fd, status
+    finally:
+        os.close(fd)
 
 
 def probe_path(path: str | os.PathLike[str], *, require_audio: bool = False, timeout: float = 30.0) -> MediaInfo:

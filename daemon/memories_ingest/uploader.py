@@ -15,15 +15,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import requests
+import structlog
 from requests.adapters import HTTPAdapter
 from requests_toolbelt import MultipartEncoder
 from urllib3.util.retry import Retry
 
+from .config import Folder
+from .ledger import Ledger, Pause, Row
+
+log = structlog.get_logger()
+
 READ_BLOCK = 1 << 20
 FINGERPRINT_SAMPLE = 1 << 20
+INDEXING_WINDOW_SECONDS = 2 * 3600
 
 Kind = Literal["uploaded", "rate_limited", "transient", "account", "refused", "unrecognised"]
 
@@ -57,6 +65,9 @@ class RetryPolicy:
         exponent = min(max(attempt - 1, 0), 60)
         raw = min(self.cap, self.base * self.factor**exponent)
         return max(0.0, raw * (1 + self.jitter * (2 * rng() - 1)))
+
+
+RATE_LIMIT_POLICY = RetryPolicy(base=2.0, factor=2.0, cap=120.0, jitter=0.3)
 
 
 def fingerprint(fd: int, size: int) -> str:
@@ -114,12 +125,15 @@ class SnapshotReader:
         expected: os.stat_result,
         path: str,
         abandon: threading.Event,
+        *,
+        before_last_block: Callable[[], None] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         self.fd = fd
         self.expected = expected
         self.path = path
         self.abandon = abandon
+        self.before_last_block = before_last_block
         self.progress = progress
         self.position = 0
         self.size = expected.st_size
@@ -141,6 +155,8 @@ class SnapshotReader:
         self.position += amount
         if self.position == self.size:
             self._check_unchanged()
+            if self.before_last_block:
+                self.before_last_block()
         if self.progress:
             self.progress(self.position)
         return block
@@ -240,10 +256,17 @@ class Client:
         *,
         connect_timeout: float = 10.0,
         read_timeout: float = 120.0,
+        min_bytes_per_second: int = 32 * 1024,
+        list_rate_per_second: float = 4.0,
     ) -> None:
         self.upload_url = f"{base_url}/serve/api/v1/upload"
         self.list_url = f"{base_url}/serve/api/v1/list_videos"
         self.timeout = (connect_timeout, read_timeout)
+        # urllib3 sends the body under the connect timeout, and each 1 MiB block must go out within it:
+        # so this is also the upload's minimum throughput, and a stalled server is given up on.
+        self.upload_timeout = (max(connect_timeout, READ_BLOCK / min_bytes_per_second), read_timeout)
+        self.list_limiter = RateLimiter(list_rate_per_second)
+        self.closing = threading.Event()
         self.session = requests.Session()
         self.session.trust_env = False
         adapter = HTTPAdapter(max_retries=Retry(total=0, connect=0, read=0, redirect=0, status=0))
@@ -253,7 +276,52 @@ class Client:
         self.session.headers["User-Agent"] = "memories-ingest"
 
     def close(self) -> None:
+        self.closing.set()
         self.session.close()
+
+    def list_videos(self, *, unique_id: str | None, page: int = 1, size: int = 100) -> list[ListedVideo]:
+        """One page of the account's videos, newest first; raises ListFailed on any unusable answer."""
+        query: dict[str, Any] = {"page": page, "size": size}
+        if unique_id:
+            query["unique_id"] = unique_id
+        if not self.list_limiter.acquire(self.closing):
+            raise ListFailed("shutting down")
+        try:
+            response = self.session.post(self.list_url, json=query, timeout=self.timeout, allow_redirects=False)
+            body = response.json()
+        except requests.RequestException as error:
+            raise ListFailed(f"list_videos failed: {_reason(error)}") from None
+        except ValueError:
+            raise ListFailed(f"list_videos answered HTTP {response.status_code} without JSON") from None
+        if not isinstance(body, dict) or body.get("code") != "0000":
+            code = body.get("code") if isinstance(body, dict) else None
+            raise ListFailed(f"list_videos answered HTTP {response.status_code}, code {code}")
+        videos = (body.get("data") or {}).get("videos") or []
+        return [_listed(item) for item in videos if isinstance(item, dict)]
+
+    def find_upload(
+        self, *, unique_id: str | None, name: str, size: int, sent_at: float, known: set[str], pages: int = 10
+    ) -> ListedVideo | None:
+        """The video an unanswered upload created, if the server has it: same size, created after the send.
+
+        Clocks differ, so the window opens ten minutes before the send; a video already in the ledger never
+        matches. A name match is preferred, since the server may store the file under a name of its own.
+        """
+        window_start = sent_at - 600
+        candidates: list[ListedVideo] = []
+        for page in range(1, pages + 1):
+            videos = self.list_videos(unique_id=unique_id, page=page)
+            for video in videos:
+                if video.video_no in known or video.size != size:
+                    continue
+                if video.created_at is None or video.created_at >= window_start:
+                    candidates.append(video)
+            oldest = min((v.created_at for v in videos if v.created_at is not None), default=None)
+            if not videos or (oldest is not None and oldest < window_start):
+                break
+        named = [v for v in candidates if v.name == name]
+        best = named or candidates
+        return best[0] if best else None
 
     def upload(
         self,
@@ -269,7 +337,7 @@ class Client:
                 self.upload_url,
                 data=_BlockReader(encoder),
                 headers={"Content-Type": encoder.content_type},
-                timeout=self.timeout,
+                timeout=self.upload_timeout,
                 allow_redirects=False,
             )
         except requests.Timeout as error:
@@ -292,6 +360,39 @@ class Client:
             return classify(response.status_code, body, response.headers)
 
 
+class ListFailed(Exception):
+    """list_videos did not answer usefully; what is uncertain stays uncertain."""
+
+
+@dataclass(frozen=True)
+class ListedVideo:
+    video_no: str
+    name: str | None
+    size: int | None
+    created_at: float | None
+    status: str | None
+    cause: str | None
+
+
+def _listed(item: dict[str, Any]) -> ListedVideo:
+    def number(key: str) -> float | None:
+        try:
+            return float(item[key])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    size = number("size")
+    created = number("create_time")
+    return ListedVideo(
+        video_no=str(item.get("video_no") or item.get("videoNo") or ""),
+        name=item.get("video_name") or item.get("videoName"),
+        size=None if size is None else int(size),
+        created_at=None if created is None else created / 1000,
+        status=item.get("status"),
+        cause=item.get("cause"),
+    )
+
+
 def _reason(error: Exception) -> str:
     """The innermost cause of a requests error, without the noise of urllib3's wrappers."""
     cause: BaseException = error
@@ -299,3 +400,129 @@ def _reason(error: Exception) -> str:
         cause = cause.__context__
     text = str(cause) or type(cause).__name__
     return re.sub(r"<[^>]+>: ", "", text)[:300]
+
+
+def capture_time(row: Row) -> str:
+    """The container's creation_time, else the file's mtime, in this host's time zone."""
+    created = (row.media or {}).get("creation_time")
+    when = datetime.fromisoformat(str(created)) if created else datetime.fromtimestamp(row.mtime_ns / 1e9, timezone.utc)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def upload_fields(folder: Folder, row: Row) -> list[tuple[str, str]]:
+    fields: list[tuple[str, str]] = []
+    if folder.unique_id:
+        fields.append(("unique_id", folder.unique_id))
+    fields.append(("datetime_taken", capture_time(row)))
+    fields.extend(("tags", tag) for tag in folder.tags)
+    optional = {
+        "camera_model": folder.camera_model,
+        "latitude": folder.latitude,
+        "longitude": folder.longitude,
+        "video_transcription_prompt": folder.video_transcription_prompt,
+        "callback": folder.callback,
+    }
+    fields.extend((key, value) for key, value in optional.items() if value)
+    if folder.retain_original_video is not None:
+        fields.append(("retain_original_video", "true" if folder.retain_original_video else "false"))
+    return fields
+
+
+class Gate:
+    """Whether uploads may go out now. Rate limits hold everyone briefly; account refusals pause for long.
+
+    The pause is kept in the ledger, so `status` in another process shows it and a restart honours it.
+    When a pause ends, one request goes out first as a probe; the rest wait for its answer.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        account_check_seconds: float,
+        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ledger = ledger
+        self.account_check_seconds = account_check_seconds
+        self.rate_limit_policy = rate_limit_policy
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pause: Pause | None = ledger.pause()
+        self._probing = False
+        self._rate_limit_streak = 0
+
+    @property
+    def pause(self) -> Pause | None:
+        return self._pause
+
+    def wait_open(self, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            with self._lock:
+                pause = self._pause
+                if pause is None:
+                    return True
+                remaining = pause.until - self.clock()
+                if remaining <= 0 and not self._probing:
+                    self._probing = True
+                    return True
+            stop.wait(min(max(remaining, 0.05), 1.0))
+        return False
+
+    def _hold(self, kind: str, reason: str, seconds: float) -> None:
+        now = self.clock()
+        with self._lock:
+            since = self._pause.since if self._pause and self._pause.kind == kind else now
+            self._pause = Pause(reason=reason, since=since, until=now + seconds, kind=kind)
+            self._probing = False
+        self.ledger.set_pause(self._pause)
+
+    def rate_limited(self, outcome: Outcome) -> float:
+        with self._lock:
+            self._rate_limit_streak += 1
+            streak = self._rate_limit_streak
+        seconds = max(self.rate_limit_policy.delay(streak), outcome.retry_after or 0.0)
+        self._hold("rate_limit", f"rate limited by the server ({outcome.message})", seconds)
+        log.warning("rate limited: holding every upload", seconds=round(seconds, 1), streak=streak)
+        return seconds
+
+    def account_refused(self, outcome: Outcome) -> None:
+        seconds = max(self.account_check_seconds, outcome.retry_after or 0.0)
+        first = self._pause is None or self._pause.kind != "account"
+        self._hold("account", outcome.message, seconds)
+        log.error(
+            "UPLOADS PAUSED: the account refused an upload; no file is marked failed for this",
+            reason=outcome.message,
+            next_check_in_seconds=round(seconds),
+            first_refusal=first,
+        )
+
+    def answered(self) -> None:
+        """An upload got a normal answer: whatever paused uploads is over."""
+        with self._lock:
+            self._rate_limit_streak = 0
+            self._probing = False
+            was = self._pause
+            self._pause = None
+        if was is not None:
+            self.ledger.set_pause(None)
+            log.warning("uploads resumed", paused_for=was.reason, paused_seconds=round(self.clock() - was.since))
+
+    def indexing_window_full(self, limit: int | None) -> bool:
+        """Pause before the server's cap: `limit` uploads in the last two hours that are not indexed yet."""
+        if limit is None:
+            return False
+        now = self.clock()
+        recent = self.ledger.uploads_since(now - INDEXING_WINDOW_SECONDS)
+        if len(recent) < limit:
+            return False
+        frees_at = recent[len(recent) - limit] + INDEXING_WINDOW_SECONDS
+        reason = f"{len(recent)} uploads of the last 2 h may still be indexing; upload.max_indexing is {limit}"
+        first = self._pause is None or self._pause.kind != "indexing_window"
+        self._hold("indexing_window", reason, min(max(frees_at - now, 1.0), 60.0))
+        if first:
+            log.warning("uploads paused before the indexing cap", reason=reason)
+        return True
+
+    def release_probe(self) -> None:
+        with self._lock:
+            self._probing = False

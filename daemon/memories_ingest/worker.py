@@ -6,39 +6,41 @@ Idle waits are event waits, so a stop is noticed at once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
 
 from . import probe
 from .config import Config, Folder
-from .ledger import Ledger, Pause, Row
+from .ledger import Ledger, LedgerError, Row
 from .uploader import (
+    RATE_LIMIT_POLICY,
     Abandoned,
     Client,
     FileChanged,
+    Gate,
+    ListFailed,
     Outcome,
     RateLimiter,
     RetryPolicy,
     SnapshotReader,
     fingerprint,
+    upload_fields,
 )
 from .watcher import Recorder, Watcher
 
 log = structlog.get_logger()
 
 UNRECOGNISED_ATTEMPTS = 3
+EXIT_PAUSED = 75
+EXIT_LEDGER = 74
 FILE_RETRY_POLICY = RetryPolicy()
-RATE_LIMIT_POLICY = RetryPolicy(base=2.0, factor=2.0, cap=120.0, jitter=0.3)
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class Worker:
@@ -46,6 +48,7 @@ class Worker:
 
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
+        self.fatal: LedgerError | None = None
 
     def initialize(self) -> None:
         """Set up before the first loop."""
@@ -62,134 +65,15 @@ class Worker:
             while not self.stop.is_set():
                 try:
                     self.loop()
+                except LedgerError as error:
+                    # Carrying on would turn a full or read-only disk into a loop of half-recorded work.
+                    self.fatal = error
+                    self.stop.set()
                 except Exception:
                     log.exception("worker loop failed; carrying on", worker=self.name)
                     self.stop.wait(1.0)
         finally:
             self.shutdown()
-
-
-class Gate:
-    """Whether uploads may go out now. Rate limits hold everyone briefly; account refusals pause for long.
-
-    The pause is kept in the ledger, so `status` in another process shows it and a restart honours it.
-    When a pause ends, one request goes out first as a probe; the rest wait for its answer.
-    """
-
-    def __init__(
-        self,
-        ledger: Ledger,
-        account_check_seconds: float,
-        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.ledger = ledger
-        self.account_check_seconds = account_check_seconds
-        self.rate_limit_policy = rate_limit_policy
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._pause: Pause | None = ledger.pause()
-        self._probing = False
-        self._rate_limit_streak = 0
-
-    @property
-    def pause(self) -> Pause | None:
-        return self._pause
-
-    def wait_open(self, stop: threading.Event) -> bool:
-        while not stop.is_set():
-            with self._lock:
-                pause = self._pause
-                if pause is None:
-                    return True
-                remaining = pause.until - self.clock()
-                if remaining <= 0 and not self._probing:
-                    self._probing = True
-                    return True
-            stop.wait(min(max(remaining, 0.05), 1.0))
-        return False
-
-    def _hold(self, kind: str, reason: str, seconds: float) -> None:
-        now = self.clock()
-        with self._lock:
-            since = self._pause.since if self._pause and self._pause.kind == kind else now
-            self._pause = Pause(reason=reason, since=since, until=now + seconds, kind=kind)
-            self._probing = False
-        self.ledger.set_pause(self._pause)
-
-    def rate_limited(self, outcome: Outcome) -> float:
-        with self._lock:
-            self._rate_limit_streak += 1
-            streak = self._rate_limit_streak
-        seconds = max(self.rate_limit_policy.delay(streak), outcome.retry_after or 0.0)
-        self._hold("rate_limit", f"rate limited by the server ({outcome.message})", seconds)
-        log.warning("rate limited: holding every upload", seconds=round(seconds, 1), streak=streak)
-        return seconds
-
-    def account_refused(self, outcome: Outcome) -> None:
-        seconds = max(self.account_check_seconds, outcome.retry_after or 0.0)
-        first = self._pause is None or self._pause.kind != "account"
-        self._hold("account", outcome.message, seconds)
-        log.error(
-            "UPLOADS PAUSED: the account refused an upload; no file is marked failed for this",
-            reason=outcome.message,
-            next_check_in_seconds=round(seconds),
-            first_refusal=first,
-        )
-
-    def answered(self) -> None:
-        """An upload got a normal answer: whatever paused uploads is over."""
-        with self._lock:
-            self._rate_limit_streak = 0
-            self._probing = False
-            was = self._pause
-            self._pause = None
-        if was is not None:
-            self.ledger.set_pause(None)
-            log.warning("uploads resumed", paused_for=was.reason, paused_seconds=round(self.clock() - was.since))
-
-    def release_probe(self) -> None:
-        with self._lock:
-            self._probing = False
-
-
-def capture_time(row: Row) -> str:
-    """The container's creation_time, else the file's mtime, in this host's time zone."""
-    created = (row.media or {}).get("creation_time")
-    when = datetime.fromisoformat(created) if created else datetime.fromtimestamp(row.mtime_ns / 1e9, timezone.utc)
-    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def upload_fields(folder: Folder, row: Row) -> list[tuple[str, str]]:
-    fields: list[tuple[str, str]] = []
-    if folder.unique_id:
-        fields.append(("unique_id", folder.unique_id))
-    fields.append(("datetime_taken", capture_time(row)))
-    fields.extend(("tags", tag) for tag in folder.tags)
-    optional = {
-        "camera_model": folder.camera_model,
-        "latitude": folder.latitude,
-        "longitude": folder.longitude,
-        "video_transcription_prompt": folder.video_transcription_prompt,
-        "callback": folder.callback,
-    }
-    fields.extend((key, value) for key, value in optional.items() if value)
-    if folder.retain_original_video is not None:
-        fields.append(("retain_original_video", "true" if folder.retain_original_video else "false"))
-    return fields
-
-
-@contextlib.contextmanager
-def open_regular(path: Path) -> Iterator[tuple[int, os.stat_result]]:
-    """Open without following a symlink and without blocking on a FIFO; refuse anything but a regular file."""
-    fd = os.open(path, OPEN_FLAGS)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise probe.Rejection("not a regular file")
-        yield fd, info
-    finally:
-        os.close(fd)
 
 
 def _same_file(row: Row, info: os.stat_result) -> bool:
@@ -311,10 +195,14 @@ class Settler(Worker):
 
     def validate(self, row: Row, folder: Folder) -> None:
         try:
-            with open_regular(row.path) as (fd, info):
+            with probe.open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (
+                fd,
+                info,
+            ):
                 if not _same_file(row, info):
                     self.ledger.note_changed(row.id, info.st_size, info.st_mtime_ns, info.st_ino)
                     return
+                self.check_policy(folder, info)
                 probe.check_header(fd, info.st_size)
                 media = probe.probe_fd(
                     fd, require_audio=folder.require_audio, timeout=self.config.upload.probe_timeout_seconds
@@ -350,6 +238,19 @@ class Settler(Worker):
                 size=row.size,
             )
             self.uploads_ready.set()
+
+    def check_policy(self, folder: Folder, info: os.stat_result) -> None:
+        """Hard links and other people's files: either can smuggle in a file its writer could not read."""
+        watch = self.config.watch
+        if watch.hardlinks == "reject" and info.st_nlink > 1:
+            raise probe.Rejection(f"the file has {info.st_nlink} hard links, and watch.hardlinks is reject")
+        if watch.other_owners == "reject":
+            owner = os.stat(folder.path).st_uid
+            if info.st_uid != owner:
+                raise probe.Rejection(
+                    f"the file belongs to uid {info.st_uid}, not to the folder's owner (uid {owner}), "
+                    "and watch.other_owners is reject"
+                )
 
     def _reject(self, row: Row, reason: str) -> None:
         self.ledger.mark_rejected(row.id, reason)
@@ -389,6 +290,8 @@ class UploadWorker(Worker):
     def loop(self) -> None:
         if not self.gate.wait_open(self.stop):
             return
+        if self.gate.indexing_window_full(self.config.upload.max_indexing):
+            return
         row = self.ledger.claim(folder.path for folder in self.config.folders)
         if row is None:
             self.gate.release_probe()
@@ -407,9 +310,14 @@ class UploadWorker(Worker):
         if folder is None:
             self.ledger.release(row.id)
             return
+        if row.sent_at is not None and self.reconcile(row, context):
+            return
         try:
-            with open_regular(row.path) as (fd, info):
-                if not _same_file(row, info):
+            with probe.open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (
+                fd,
+                info,
+            ):
+                if not _same_file(row, info) or (row.fingerprint and fingerprint(fd, info.st_size) != row.fingerprint):
                     self.ledger.mark_changed(row.id)
                     self.gate.release_probe()
                     log.info("file changed before upload; settling again", state="pending", **context)
@@ -419,7 +327,9 @@ class UploadWorker(Worker):
                     self.gate.release_probe()
                     return
                 log.info("uploading", state="uploading", size=row.size, **context)
-                reader = SnapshotReader(fd, info, str(row.path), self.abandon)
+                reader = SnapshotReader(
+                    fd, info, str(row.path), self.abandon, before_last_block=lambda: self.ledger.mark_sent(row.id)
+                )
                 content_type = probe.content_type_for(row.path) or "video/mp4"
                 outcome = self.client.upload(reader, row.path.name, content_type, upload_fields(folder, row))
         except FileNotFoundError:
@@ -444,7 +354,38 @@ class UploadWorker(Worker):
             return
         self.record(row, outcome, context)
 
+    def reconcile(self, row: Row, context: Mapping[str, object]) -> bool:
+        """An earlier attempt sent the whole body but no answer was stored: ask the server before sending again.
+
+        True when the row is settled here (found, or the question could not be asked); False to upload.
+        """
+        assert row.sent_at is not None
+        try:
+            found = self.client.find_upload(
+                unique_id=row.unique_id,
+                name=row.path.name,
+                size=row.size,
+                sent_at=row.sent_at,
+                known=self.ledger.delivered_video_numbers(),
+            )
+        except ListFailed as error:
+            delay = self.policy.delay(row.attempts)
+            self.ledger.mark_retry(row.id, self.clock() + delay, f"an earlier upload may have landed; {error}")
+            self.gate.release_probe()
+            log.warning("cannot check an unanswered upload; will retry", reason=str(error), **context)
+            return True
+        if found is None:
+            self.ledger.mark_answered(row.id)
+            log.info("an unanswered upload did not land; sending again", **context)
+            return False
+        self.ledger.mark_uploaded(row, found.video_no, "recovered from list_videos after an unanswered upload")
+        self.gate.release_probe()
+        log.warning("an unanswered upload had landed; not sending it again", video_no=found.video_no, **context)
+        return True
+
     def record(self, row: Row, outcome: Outcome, context: Mapping[str, object]) -> None:
+        if outcome.kind != "transient":
+            self.ledger.mark_answered(row.id)
         if outcome.kind == "uploaded":
             assert outcome.video_no is not None
             self.ledger.mark_uploaded(row, outcome.video_no)
@@ -528,6 +469,7 @@ class Daemon:
             )
             for n in range(1, config.upload.workers + 1)
         ]
+        self.workers: list[Worker] = [self.scanner, self.settler, *self.uploaders]
         self.threads: list[threading.Thread] = []
 
     def request_stop(self) -> None:
@@ -545,8 +487,7 @@ class Daemon:
             log.warning("uploads interrupted by the last shutdown go back to the queue", rows=requeued)
         if self.watcher is not None:
             self.watcher.start()
-        workers: list[Worker] = [self.scanner, self.settler, *self.uploaders]
-        for worker in workers:
+        for worker in self.workers:
             thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -568,11 +509,15 @@ class Daemon:
             pause = self.gate.pause
             if pause is not None and pause.kind == "account":
                 log.error("stopping: uploads are paused", reason=pause.reason)
-                code = 75
+                code = EXIT_PAUSED
                 break
             if self.idle():
                 break
         self.shutdown()
+        fatal = next((worker.fatal for worker in self.workers if worker.fatal), None)
+        if fatal is not None:
+            log.error("stopping: the ledger cannot be written; nothing was lost", error=str(fatal))
+            return EXIT_LEDGER
         return code
 
     def shutdown(self) -> None:
