@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -137,3 +139,47 @@ def pipeline(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Pipelin
         built.stop()
         built.client.close()
         built.ledger.close()
+
+
+class RawServer:
+    """A bare TCP server on loopback whose connection handler a test writes: stalls, redirects, trickles."""
+
+    def __init__(self, handle: Callable[[socket.socket], None], receive_buffer: int | None = None) -> None:
+        self.handle = handle
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        if receive_buffer:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            threading.Thread(target=self._run, args=(connection,), daemon=True).start()
+
+    def _run(self, connection: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self.handle(connection)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+
+def read_request_head(connection: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    return head

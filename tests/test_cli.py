@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import API_KEY, wait_until
 from memories_ingest.ledger import FAILED, UPLOADED, Ledger
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
+
+from conftest import API_KEY, wait_until
 
 COMMAND = [sys.executable, "-m", "memories_ingest.cli"]
 

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import threading
+import time
 from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 
+from memories_ingest.sandbox import Sandbox
 from memories_ingest.uploader import (
+    Client,
     FileChanged,
+    ListFailed,
+    Outcome,
     RateLimiter,
     RetryPolicy,
     SnapshotReader,
     classify,
     fingerprint,
 )
+
+from conftest import API_KEY, RawServer, read_request_head
 
 
 def outcome(status: int, code: str | None = None, msg: str = "", headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -179,3 +187,114 @@ def test_fingerprint_changes_with_content_and_not_with_mtime(tmp_path: Path) -> 
     fd = os.open(path, os.O_RDONLY)
     assert fingerprint(fd, os.fstat(fd).st_size) != first
     os.close(fd)
+
+
+def small_video(tmp_path: Path, size: int = 4096) -> tuple[SnapshotReader, int]:
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(size - 12))
+    fd = os.open(path, os.O_RDONLY)
+    return SnapshotReader(fd, os.fstat(fd), str(path), threading.Event()), fd
+
+
+def send(client: Client, tmp_path: Path, size: int = 4096) -> Outcome:
+    reader, fd = small_video(tmp_path, size)
+    try:
+        return client.upload(reader, "v.mp4", "video/mp4", [("unique_id", "u")])
+    finally:
+        os.close(fd)
+        client.close()
+
+
+def test_a_refused_connection_is_transient(tmp_path: Path) -> None:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    result = send(Client(f"http://127.0.0.1:{port}", API_KEY, connect_timeout=2), tmp_path)
+    assert result.kind == "transient" and "connection failed" in result.message
+    assert API_KEY not in result.message
+
+
+def test_a_name_that_does_not_resolve_is_transient(tmp_path: Path) -> None:
+    result = send(Client("http://memories-ingest-test.invalid", API_KEY, connect_timeout=2), tmp_path)
+    assert result.kind == "transient"
+
+
+def test_a_reset_mid_body_is_transient(tmp_path: Path, sandbox: Sandbox) -> None:
+    sandbox.inject("reset", after_bytes=1000)
+    result = send(Client(sandbox.url, API_KEY), tmp_path, size=1 << 20)
+    assert result.kind == "transient"
+    assert sandbox.received() == []
+
+
+def test_a_server_that_never_answers_times_out(tmp_path: Path, sandbox: Sandbox) -> None:
+    sandbox.inject("slow", seconds=5)
+    result = send(Client(sandbox.url, API_KEY, read_timeout=0.5), tmp_path)
+    assert result.kind == "transient" and "timed out" in result.message
+
+
+def test_a_stalled_upload_is_given_up_at_the_minimum_throughput(tmp_path: Path) -> None:
+    stalled = threading.Event()
+
+    def never_read(connection: socket.socket) -> None:
+        stalled.wait(30)
+
+    server = RawServer(never_read, receive_buffer=4096)
+    try:
+        client = Client(server.url, API_KEY, connect_timeout=0.5, min_bytes_per_second=2 * 1024 * 1024)
+        result = send(client, tmp_path, size=64 << 20)
+    finally:
+        stalled.set()
+        server.close()
+    assert result.kind == "transient" and "timed out" in result.message
+
+
+def test_redirects_are_not_followed_and_never_carry_the_key(tmp_path: Path) -> None:
+    seen_keys: list[bytes] = []
+
+    def elsewhere(connection: socket.socket) -> None:
+        seen_keys.append(read_request_head(connection))
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    target = RawServer(elsewhere)
+
+    def redirect(connection: socket.socket) -> None:
+        read_request_head(connection)
+        location = f"{target.url}/serve/api/v1/upload".encode()
+        connection.sendall(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + location + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+
+    origin = RawServer(redirect)
+    try:
+        result = send(Client(origin.url, API_KEY), tmp_path)
+    finally:
+        origin.close()
+        target.close()
+    assert result.kind == "transient" and "redirect" in result.message and "not followed" in result.message
+    assert seen_keys == []
+
+
+def test_find_upload_recognises_what_landed_and_skips_what_is_known(tmp_path: Path, sandbox: Sandbox) -> None:
+    before = time.time()
+    landed = send(Client(sandbox.url, API_KEY), tmp_path, size=5000)
+    assert landed.kind == "uploaded" and landed.video_no
+    client = Client(sandbox.url, API_KEY)
+    try:
+        found = client.find_upload(unique_id="u", name="v.mp4", size=5000, sent_at=before, known=set())
+        assert found is not None and found.video_no == landed.video_no
+        assert (
+            client.find_upload(unique_id="u", name="v.mp4", size=5000, sent_at=before, known={landed.video_no}) is None
+        )
+        assert client.find_upload(unique_id="u", name="v.mp4", size=5001, sent_at=before, known=set()) is None
+        assert client.find_upload(unique_id="other", name="v.mp4", size=5000, sent_at=before, known=set()) is None
+    finally:
+        client.close()
+
+
+def test_find_upload_failing_to_list_raises(tmp_path: Path, sandbox: Sandbox) -> None:
+    client = Client(sandbox.url, "wrong-key")
+    try:
+        with pytest.raises(ListFailed):
+            client.find_upload(unique_id="u", name="v.mp4", size=1, sent_at=time.time(), known=set())
+    finally:
+        client.close()

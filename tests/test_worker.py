@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Pipeline, wait_until
 from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED
 from memories_ingest.samples import write_video
+
+from conftest import Pipeline, wait_until
 
 Build = Callable[..., Pipeline]
 

@@ -30,7 +30,7 @@ EXIT_UNAVAILABLE = 69
 def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) -> None:
     """JSON lines for journald and pipes, readable coloured lines on a terminal."""
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=True)
+        structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.plain_traceback)
         if stream.isatty()
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
@@ -39,7 +39,10 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=False),
-            structlog.processors.dict_tracebacks if not stream.isatty() else structlog.dev.set_exc_info,
+            # Tracebacks without local variables: a frame's locals could hold the API key.
+            structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+            if not stream.isatty()
+            else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -196,17 +196,31 @@ class Ledger:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as error:
-                raise LedgerError(f"cannot write the ledger {self.path}: {error}") from None
+                raise self._write_failed(error) from None
             try:
                 yield self._conn
+            except sqlite3.Error as error:
+                self._rollback()
+                raise self._write_failed(error) from None
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._conn.execute("COMMIT")
             except sqlite3.Error as error:
+                self._rollback()
+                raise self._write_failed(error) from None
+
+    def _write_failed(self, error: sqlite3.Error) -> LedgerError:
+        return LedgerError(
+            f"cannot write the ledger {self.path}: {error} (is the disk full, read-only or gone?); "
+            "the last committed state is intact"
+        )
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-                raise LedgerError(f"cannot write the ledger {self.path}: {error}") from None
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
