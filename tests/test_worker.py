@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
+import socket
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -13,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED
-from memories_ingest.samples import write_video
+from memories_ingest.samples import faststart_padding, write_video
 
-from conftest import Pipeline, wait_until
+from conftest import Pipeline, RawServer, read_request_head, wait_until
 
 Build = Callable[..., Pipeline]
 
@@ -310,3 +313,155 @@ def test_run_once_exits_when_only_future_retries_remain(pipeline: Build, tmp_pat
     run.thread.join(timeout=30)
     assert not run.thread.is_alive() and run.exit_code == 0
     assert run.received_names() == ["a.mp4", "b.mp4"]
+
+
+class StallingApi:
+    """An upload endpoint that stops reading the first body halfway until the test says go.
+
+    Later requests are read whole and answered with success, so a test can change the file while the
+    first upload is in flight and then watch what the daemon sends next.
+    """
+
+    def __init__(self) -> None:
+        self.stalled = threading.Event()
+        self.go = threading.Event()
+        self.bodies: list[tuple[int, int]] = []
+        self.server = RawServer(self.handle, receive_buffer=16384)
+        self.url = self.server.url
+
+    def handle(self, connection: socket.socket) -> None:
+        head = read_request_head(connection)
+        header_end = head.index(b"\r\n\r\n") + 4
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head[:header_end]).group(1))  # type: ignore[union-attr]
+        received = len(head) - header_end
+        first = not self.stalled.is_set()
+        if first:
+            self.stalled.set()
+            self.go.wait(30)
+        while received < length:
+            chunk = connection.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+        self.bodies.append((received, length))
+        if received < length:
+            return
+        body = json.dumps({"code": "0000", "msg": "success", "data": {"videoNo": f"VI{len(self.bodies)}"}}).encode()
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        connection.sendall(body)
+
+    def complete_bodies(self) -> list[int]:
+        return [length for received, length in self.bodies if received == length]
+
+
+@pytest.mark.parametrize("change", ["grow", "shrink", "replace", "delete"])
+def test_a_file_changed_mid_upload_never_yields_a_mixed_or_truncated_upload(
+    pipeline: Build, tmp_path: Path, change: str
+) -> None:
+    api = StallingApi()
+    run = pipeline(api={"base_url": api.url}, watch={"settle_seconds": 0.5})
+    video = write_video(tmp_path / "staging.mp4", seconds=1, faststart=True)
+    faststart_padding(video, 24 << 20)
+    target = tmp_path / "watched" / "big.mp4"
+    video.rename(target)
+    run.start()
+    try:
+        wait_until(api.stalled.is_set, what="the upload to start")
+        if change == "grow":
+            faststart_padding(target, 25 << 20)
+        elif change == "shrink":
+            os.truncate(target, 1 << 20)
+        elif change == "replace":
+            replacement = write_video(tmp_path / "other.mp4", seconds=2)
+            replacement.replace(target)
+        else:
+            target.unlink()
+    finally:
+        api.go.set()
+    if change == "delete":
+        run.wait_state(target, "gone")
+        assert api.complete_bodies() == []
+    elif change == "shrink":
+        row = run.wait_state(target, REJECTED)
+        assert api.complete_bodies() == [] and row.error
+    else:
+        row = run.wait_state(target, UPLOADED)
+        (complete,) = api.complete_bodies()
+        assert complete > row.size
+        assert row.size == target.stat().st_size
+    assert api.bodies[0][0] < api.bodies[0][1], "the first body must never be completed"
+    api.server.close()
+
+
+def test_uploads_pause_before_the_indexing_cap(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(upload={"max_indexing": 2})
+    for n in range(3):
+        write_video(tmp_path / "watched" / f"v{n}.mp4", seconds=1 + n / 10)
+    run.start()
+    wait_until(lambda: run.ledger.counts()[UPLOADED] == 2, what="two uploads")
+    pause = wait_until(run.ledger.pause, what="the pause")
+    assert pause.kind == "indexing_window" and "upload.max_indexing is 2" in pause.reason
+    threading.Event().wait(1.0)
+    assert run.ledger.counts()[UPLOADED] == 2 and len(run.sandbox.received()) == 2
+
+
+def test_symlinks_fifos_sockets_and_directories_named_like_videos_are_skipped(pipeline: Build, tmp_path: Path) -> None:
+    watched = tmp_path / "watched"
+    run = pipeline()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = write_video(outside / "secret.mp4")
+    os.symlink(secret, watched / "link.mp4")
+    os.mkfifo(watched / "pipe.mp4")
+    (watched / "folder.mp4").mkdir()
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(watched / "sock.mp4"))
+    good = write_video(watched / "good.mp4", seconds=2)
+    run.start()
+    run.wait_state(good, UPLOADED)
+    threading.Event().wait(0.5)
+    unix.close()
+    assert run.received_names() == ["good.mp4"]
+    assert {row.path.name for row in run.ledger.rows()} == {"good.mp4"}
+
+
+def test_a_symlinked_directory_inside_the_tree_is_not_followed(pipeline: Build, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_video(outside / "private.mp4")
+    run = pipeline(folders=[{"path": str(tmp_path / "watched"), "unique_id": "r", "recursive": True}])
+    os.symlink(outside, tmp_path / "watched" / "sneaky")
+    good = write_video(tmp_path / "watched" / "good.mp4", seconds=2)
+    run.start()
+    run.wait_state(good, UPLOADED)
+    write_video(outside / "later.mp4", seconds=3)
+    threading.Event().wait(1.0)
+    assert run.received_names() == ["good.mp4"]
+
+
+@pytest.mark.parametrize("policy", ["upload", "reject"])
+def test_hard_links_follow_the_configured_policy(pipeline: Build, tmp_path: Path, policy: str) -> None:
+    run = pipeline(watch={"hardlinks": policy})
+    elsewhere = write_video(tmp_path / "elsewhere.mp4")
+    linked = tmp_path / "watched" / "linked.mp4"
+    os.link(elsewhere, linked)
+    run.start()
+    if policy == "upload":
+        run.wait_state(linked, UPLOADED)
+    else:
+        row = run.wait_state(linked, REJECTED)
+        assert row.error == "the file has 2 hard links, and watch.hardlinks is reject"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_files_of_other_owners_follow_the_configured_policy(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(watch={"other_owners": "reject"})
+    theirs = write_video(tmp_path / "watched" / "theirs.mp4")
+    os.chown(theirs, 12345, 12345)
+    mine = write_video(tmp_path / "watched" / "mine.mp4", seconds=2)
+    run.start()
+    run.wait_state(mine, UPLOADED)
+    row = run.wait_state(theirs, REJECTED)
+    assert row.error is not None and "belongs to uid 12345" in row.error
