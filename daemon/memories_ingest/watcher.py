@@ -2,22 +2,34 @@
 
 Event handlers only record a row and return. Everything slow (settling, probing, uploading) happens in the
 workers, so a burst of events never backs up the observer's queue.
+
+Watching must never go silent. Each folder is watched by inotify, or polled where inotify cannot see (network
+filesystems), where the config says so, or where the kernel's inotify limits are reached. Whenever events may
+have been lost (a queue overflow, a handler that failed, an observer or a watch that stopped), the watcher asks
+for a rescan rather than trusting what it saw.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+import queue
+import re
 import stat
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
+from watchdog.observers.polling import PollingEmitter
 
 from .config import Config, Folder
 from .ledger import GONE, PENDING, QUEUED, RETRYING, Ledger
@@ -26,6 +38,25 @@ log = structlog.get_logger()
 
 IGNORED_PATTERNS = ("*.part", "*.tmp", "*.crdownload", "~*", "*~", ".*")
 
+INOTIFY = "inotify"
+POLLING = "polling"
+POLL_SECONDS = 3.0
+# A tree that takes long to list is polled less often, so polling never keeps a disk or a share busy.
+POLL_BUSY_RATIO = 4.0
+INOTIFY_LIMITS = (errno.ENOSPC, errno.EMFILE)
+MOUNTINFO = Path("/proc/self/mountinfo")
+INOTIFY_SYSCTLS = Path("/proc/sys/fs/inotify")
+# Changes made by other machines never reach this kernel's inotify on these.
+# fmt: off
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "coda", "9p", "ceph", "glusterfs", "lustre", "gpfs",
+    "beegfs", "orangefs", "gfs2", "ocfs2", "davfs", "virtiofs", "vboxsf", "vmhgfs", "fuse.sshfs", "fuse.rclone",
+    "fuse.s3fs", "fuse.goofys", "fuse.gcsfuse", "fuse.blobfuse", "fuse.blobfuse2", "fuse.mountpoint-s3",
+    "fuse.juicefs", "fuse.glusterfs", "fuse.ceph-fuse", "fuse.davfs", "fuse.smbnetfs", "fuse.curlftpfs",
+    "fuse.vmhgfs-fuse",
+})
+# fmt: on
+
 
 def is_ignored_name(name: str) -> bool:
     """Hidden files and the names that downloaders, editors and copy tools give unfinished files."""
@@ -33,9 +64,34 @@ def is_ignored_name(name: str) -> bool:
     return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in IGNORED_PATTERNS)
 
 
-def walk(folder: Folder, root: Path | None = None) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every regular file under root (the whole folder by default), never following a symlink or opening a file."""
-    pending = [str(root or folder.path)]
+def symlink_between(top: Path, path: Path) -> bool:
+    """Whether a step from top down to path (path included, top not) is a symlink."""
+    current = top
+    for part in path.relative_to(top).parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
+
+
+def walk(
+    folder: Folder, root: Path | None = None, *, follow_symlinks: bool = False
+) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every regular file under root (the whole folder by default), without opening a file.
+
+    A symlinked file is never followed. A symlinked directory is followed only with follow_symlinks, and each
+    directory is listed once, so a link (or a bind mount) back up the tree cannot loop.
+    """
+    top = root or folder.path
+    if not follow_symlinks and top != folder.path and symlink_between(folder.path, top):
+        return
+    try:
+        info = os.stat(top)
+    except OSError as error:
+        log.warning("cannot list a directory", path=str(top), error=error.strerror)
+        return
+    visited = {(info.st_dev, info.st_ino)}
+    pending = [str(top)]
     while pending:
         directory = pending.pop()
         try:
@@ -48,13 +104,80 @@ def walk(folder: Folder, root: Path | None = None) -> Iterator[tuple[Path, os.st
                 continue
             try:
                 info = entry.stat(follow_symlinks=False)
+                if follow_symlinks and folder.recursive and stat.S_ISLNK(info.st_mode):
+                    info = os.stat(entry.path)
             except OSError:
                 continue
-            if stat.S_ISDIR(info.st_mode):
-                if folder.recursive:
-                    pending.append(entry.path)
-            elif stat.S_ISREG(info.st_mode):
+            if stat.S_ISREG(info.st_mode) and not entry.is_symlink():
                 yield Path(entry.path), info
+            elif stat.S_ISDIR(info.st_mode) and folder.recursive and (info.st_dev, info.st_ino) not in visited:
+                visited.add((info.st_dev, info.st_ino))
+                pending.append(entry.path)
+
+
+class Mount(NamedTuple):
+    point: Path
+    fstype: str
+    source: str
+
+
+def _unescape(field: bytes) -> Path:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return Path(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match[1], 8)]), field)))
+
+
+def parse_mountinfo(text: bytes) -> list[Mount]:
+    """The mounts in a /proc/<pid>/mountinfo, in the kernel's order: a later mount hides an earlier one."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        try:
+            separator = fields.index(b"-", 6)
+            mounts.append(
+                Mount(_unescape(fields[4]), os.fsdecode(fields[separator + 1]), os.fsdecode(fields[separator + 2]))
+            )
+        except (ValueError, IndexError):
+            continue
+    return mounts
+
+
+def mount_for(path: Path, mounts: list[Mount]) -> Mount | None:
+    """The mount a path lives on: the deepest mount point above it, the latest one where mounts are stacked."""
+    found: Mount | None = None
+    for mount in mounts:
+        if path.is_relative_to(mount.point) and (found is None or len(mount.point.parts) >= len(found.point.parts)):
+            found = mount
+    return found
+
+
+def read_mountinfo() -> bytes:
+    try:
+        return MOUNTINFO.read_bytes()
+    except OSError:
+        return b""
+
+
+def watch_mode(path: Path, polling: bool | str, mountinfo: bytes) -> tuple[str, str]:
+    """inotify or polling for a folder under the `watch.polling` setting, and why, in words for the log."""
+    if polling is True:
+        return POLLING, "watch.polling is true"
+    if polling is False:
+        return INOTIFY, "watch.polling is false"
+    mount = mount_for(path, parse_mountinfo(mountinfo))
+    if mount is None:
+        return INOTIFY, "its filesystem is unknown"
+    if mount.fstype in NETWORK_FILESYSTEMS:
+        return POLLING, f"it is on {mount.fstype} ({mount.source}), a network filesystem inotify does not see into"
+    return INOTIFY, f"it is on {mount.fstype}, a local filesystem"
+
+
+def raise_limit_command(name: str, floor: int) -> str:
+    """The command that raises an inotify limit: to double what it is now, and at least to floor."""
+    try:
+        current = int((INOTIFY_SYSCTLS / name).read_text())
+    except (OSError, ValueError):
+        current = 0
+    return f"sysctl fs.inotify.{name}={max(floor, current * 2)} (and the same in /etc/sysctl.d/ to keep it)"
 
 
 class Recorder:
@@ -87,7 +210,7 @@ class Recorder:
         """Reconcile a folder, or one directory in it, with the ledger; returns how many files were new or changed."""
         known = self.ledger.known(folder.path)
         changed = 0
-        for path, info in walk(folder, root):
+        for path, info in walk(folder, root, follow_symlinks=self.config.watch.follow_symlinks):
             key = os.fsencode(path)
             found = known.pop(key, None)
             if found is not None and found[:3] == (info.st_size, info.st_mtime_ns, info.st_ino) and found[3] != GONE:
@@ -108,67 +231,359 @@ class Recorder:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, recorder: Recorder, folder: Folder, rescan: Callable[[Path], None]) -> None:
+    def __init__(
+        self, recorder: Recorder, folder: Folder, rescan: Callable[[Path | None], None], follow_symlinks: bool
+    ) -> None:
         self.recorder = recorder
         self.folder = folder
         self.rescan = rescan
-
-    def _seen(self, raw: bytes | str, is_directory: bool) -> None:
-        path = Path(os.fsdecode(raw))
-        if is_directory:
-            if path != self.folder.path and self.folder.recursive:
-                self.rescan(path)
-            return
-        if self.folder.contains(path):
-            self.recorder.record(path, folder=self.folder)
+        self.follow_symlinks = follow_symlinks
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
-            if event.event_type in ("created", "modified", "closed"):
-                self._seen(event.src_path, event.is_directory)
-            elif event.event_type == "moved":
-                self._seen(event.dest_path, event.is_directory)
-            elif event.event_type == "deleted" and event.is_directory:
-                self.rescan(self.folder.path)
+            self._handle(event)
         except Exception:
-            log.exception("event handling failed; a rescan will catch up", path=os.fsdecode(event.src_path))
+            log.exception("event handling failed; rescanning the folder", path=os.fsdecode(event.src_path))
             self.rescan(self.folder.path)
+
+    def _handle(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        if kind == "deleted" and event.is_directory:
+            self.rescan(self.folder.path)
+        if kind not in ("created", "modified", "closed", "moved"):
+            return
+        path = Path(os.fsdecode(event.dest_path if kind == "moved" else event.src_path))
+        if path == self.folder.path or not self.folder.contains(path):
+            return
+        # inotify keeps a watch on a directory moved out of the tree under its old path, so without this check a
+        # symlink put in its place would let its files in.
+        if not self.follow_symlinks and symlink_between(self.folder.path, path.parent):
+            return
+        if not event.is_directory:
+            self.recorder.record(path, folder=self.folder)
+        elif self.folder.recursive and kind in ("created", "moved"):
+            self.rescan(path)
+
+
+class _PollingEmitter(PollingEmitter):
+    """Lists with lstat, so a symlinked directory is never entered, and polls a slow tree less often."""
+
+    def __init__(
+        self,
+        event_queue: EventQueue,
+        watch: ObservedWatch,
+        *,
+        timeout: float,
+        event_filter: list[type[FileSystemEvent]] | None = None,
+    ) -> None:
+        super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter, stat=os.lstat)
+        self.interval = timeout
+
+    def queue_events(self, timeout: float) -> None:
+        started = time.monotonic()
+        super().queue_events(self.interval)
+        listing = time.monotonic() - started - self.interval
+        self.interval = max(timeout, listing * POLL_BUSY_RATIO)
+
+
+if sys.platform == "linux":
+    from watchdog.observers.inotify import InotifyEmitter
+    from watchdog.observers.inotify_c import (
+        CallbackId,
+        InotifyEvent,
+        InotifyFD,
+        Mask,
+        WatchCallback,
+        WatchDescriptor,
+    )
+
+    class _InotifyReader(InotifyFD):
+        """watchdog's inotify reader, telling the watcher when the kernel dropped events or refused a watch.
+
+        watchdog rebuilds its watches after a queue overflow but reports nothing, and skips a subdirectory the
+        kernel refuses to watch (ENOSPC) without a word; both mean events are lost.
+        """
+
+        def __init__(self, overflowed: Callable[[], None]) -> None:
+            super().__init__()
+            self.overflowed = overflowed
+            self.refused: queue.SimpleQueue[tuple[bytes, OSError]] = queue.SimpleQueue()
+
+        def add_callback(self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId) -> WatchDescriptor:
+            try:
+                return super().add_callback(path, mask, callback, id_)
+            except OSError as error:
+                if error.errno in INOTIFY_LIMITS:
+                    self.refused.put((path, error))
+                raise
+
+        def handle_event(self, event: InotifyEvent) -> None:
+            super().handle_event(event)
+            if event.is_queue_overflow:
+                self.overflowed()
+
+    class _InotifyObserver(BaseObserver):
+        """watchdog's InotifyObserver, with a reader of its own that the watcher can hear from."""
+
+        def __init__(self, overflowed: Callable[[], None]) -> None:
+            self.reader = _InotifyReader(overflowed)
+            self.reader.start()
+            super().__init__(InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self.reader)
+
+        def on_thread_stop(self) -> None:
+            super().on_thread_stop()
+            self.reader.stop()
+            self.reader.join()
+
+
+def _running(observer: BaseObserver) -> bool:
+    if sys.platform == "linux" and isinstance(observer, _InotifyObserver):
+        return observer.is_alive() and observer.reader.is_alive()
+    return observer.is_alive()
+
+
+@dataclass
+class Watch:
+    """One folder scheduled on one observer, and the directory it was when it was scheduled."""
+
+    folder: Folder
+    mode: str
+    observer: BaseObserver
+    observed: ObservedWatch
+    identity: tuple[int, int]
+
+    def running(self) -> bool:
+        return any(emitter.watch == self.observed and emitter.is_alive() for emitter in list(self.observer.emitters))
 
 
 class Watcher:
-    """One observer for every folder; polling where inotify cannot see (NFS, SMB) or where config says so."""
+    """Every folder on one of two observers, inotify or polling, supervised so that watching never goes silent.
 
-    def __init__(self, config: Config, recorder: Recorder, rescan: Callable[[Path], None]) -> None:
+    refresh() (the scanner calls it before each full scan) does the file system work: it watches folders that
+    appeared, and watches again a folder whose directory was replaced or remounted. supervise() (the daemon's
+    main loop calls it several times a second) only looks at threads: it restarts a dead observer, gives up a watch that
+    stopped, and asks for the rescans that catch up. health() says what is wrong, if anything.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        recorder: Recorder,
+        rescan: Callable[[Path | None], None],
+        *,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
         self.config = config
         self.recorder = recorder
         self.rescan = rescan
-        self.observer: BaseObserver = PollingObserver(timeout=2) if config.watch.polling is True else Observer()
-        self.watched: set[Path] = set()
+        self.poll_seconds = poll_seconds
+        self.observers: dict[str, BaseObserver] = {}
+        self.watches: dict[Path, Watch] = {}
+        self.unwatched: dict[Path, str] = {}
+        self.inotify_refused: dict[Path, str] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
 
     def start(self) -> None:
         self.refresh()
-        self.observer.start()
 
     def refresh(self) -> None:
-        """Watch every folder that exists now; one that appears later is picked up by the next call."""
-        for folder in self.config.folders:
-            if folder.path in self.watched or not folder.path.is_dir():
-                continue
-            try:
-                self.observer.schedule(
-                    _Handler(self.recorder, folder, self.rescan), str(folder.path), recursive=folder.recursive
-                )
-            except OSError as error:
-                log.error(
-                    "cannot watch a folder; the rescan still covers it",
-                    path=str(folder.path),
-                    error=str(error),
-                )
-                continue
-            self.watched.add(folder.path)
-            log.info("watching", path=str(folder.path), unique_id=folder.unique_id, recursive=folder.recursive)
+        """Watch every folder that exists now, as the directory it is now; the caller rescans after."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._replace_dead_observers()
+            self._drop_stopped_watches()
+            self._apply_refusals()
+            for folder in self.config.folders:
+                self._refresh_folder(folder)
+            while moved := self._apply_refusals():
+                for folder in moved:
+                    self._refresh_folder(folder)
+
+    def supervise(self) -> None:
+        """Restart dead observers, give up stopped watches, and ask for rescans; never lists or stats a directory."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._stopped:
+                return
+            restarted = self._replace_dead_observers()
+            stopped = self._drop_stopped_watches()
+            refused = self._apply_refusals()
+        finally:
+            self._lock.release()
+        if restarted or refused:
+            self.rescan(None)
+        for folder in stopped:
+            self.rescan(folder.path)
+
+    def health(self) -> list[str]:
+        """What is wrong with watching now, one line each; empty when every folder is watched as it should be."""
+        problems = [
+            f"the {mode} observer is not running" for mode, o in list(self.observers.items()) if not _running(o)
+        ]
+        problems += [f"{path}: its watch stopped" for path, watch in list(self.watches.items()) if not watch.running()]
+        problems += [f"{path}: not watched: {why}" for path, why in list(self.unwatched.items())]
+        problems += [
+            f"{path}: polled, not watched by inotify: {why}" for path, why in list(self.inotify_refused.items())
+        ]
+        return problems
 
     def stop(self) -> None:
-        self.observer.stop()
-        if self.observer.is_alive():
-            self.observer.join(timeout=5)
+        self._stopped = True
+        observers = list(self.observers.values())
+        for observer in observers:
+            observer.stop()
+        for observer in observers:
+            if observer.is_alive():
+                observer.join(timeout=5)
+
+    def add_watch(self, folder: Folder, mode: str, identity: tuple[int, int]) -> Watch:
+        """Schedule a folder on the observer for mode; raises OSError when the kernel refuses."""
+        observer = self._observer(mode)
+        handler = _Handler(self.recorder, folder, self.rescan, self.config.watch.follow_symlinks)
+        observed = observer.schedule(handler, str(folder.path), recursive=folder.recursive)
+        return Watch(folder, mode, observer, observed, identity)
+
+    def _observer(self, mode: str) -> BaseObserver:
+        observer = self.observers.get(mode)
+        if observer is None:
+            if mode == POLLING:
+                observer = BaseObserver(_PollingEmitter, timeout=self.poll_seconds)
+            elif sys.platform == "linux":
+                observer = _InotifyObserver(self._inotify_overflowed)
+            else:
+                observer = Observer()
+            observer.start()
+            self.observers[mode] = observer
+        return observer
+
+    def _refresh_folder(self, folder: Folder) -> None:
+        watch = self.watches.get(folder.path)
+        try:
+            info = os.stat(folder.path)
+        except OSError as error:
+            self._forget_folder(folder, watch, error.strerror or str(error))
+            return
+        if not stat.S_ISDIR(info.st_mode):
+            self._forget_folder(folder, watch, "it is not a directory")
+            return
+        identity = (info.st_dev, info.st_ino)
+        if watch is not None:
+            if watch.identity == identity:
+                return
+            log.warning("folder replaced or remounted; watching it again", path=str(folder.path))
+            self._unwatch(watch)
+        self._watch(folder, identity)
+
+    def _forget_folder(self, folder: Folder, watch: Watch | None, why: str) -> None:
+        if watch is not None:
+            self._unwatch(watch)
+            log.warning("folder gone; it is watched again once it is back", path=str(folder.path), reason=why)
+        self.unwatched[folder.path] = f"{why}; it is watched again once it is back"
+
+    def _watch(self, folder: Folder, identity: tuple[int, int]) -> None:
+        if folder.path in self.inotify_refused:
+            mode, reason = POLLING, "inotify limits were reached"
+        else:
+            mode, reason = watch_mode(folder.path, self.config.watch.polling, read_mountinfo())
+        try:
+            self.watches[folder.path] = self.add_watch(folder, mode, identity)
+        except OSError as error:
+            if mode == INOTIFY and error.errno in INOTIFY_LIMITS:
+                self._refuse_inotify(folder, error)
+                self._watch(folder, identity)
+                return
+            self.unwatched[folder.path] = f"cannot be watched ({error}); the rescan still covers it"
+            log.error("cannot watch a folder; the rescan still covers it", path=str(folder.path), error=str(error))
+            return
+        self.unwatched.pop(folder.path, None)
+        log.info(
+            "watching",
+            path=str(folder.path),
+            unique_id=folder.unique_id,
+            recursive=folder.recursive,
+            mode=mode,
+            reason=reason,
+        )
+
+    def _unwatch(self, watch: Watch) -> None:
+        self.watches.pop(watch.folder.path, None)
+        try:
+            watch.observer.unschedule(watch.observed)
+        except KeyError:
+            return
+        except Exception:
+            log.exception("cannot stop a watch cleanly", path=str(watch.folder.path))
+
+    def _refuse_inotify(self, folder: Folder, error: OSError) -> None:
+        if error.errno == errno.ENOSPC:
+            limit, fix = "fs.inotify.max_user_watches", raise_limit_command("max_user_watches", 524288)
+        else:
+            limit, fix = "fs.inotify.max_user_instances", raise_limit_command("max_user_instances", 1024)
+            fix += ", or raise the open-file limit (LimitNOFILE=)"
+        self.inotify_refused[folder.path] = f"the kernel's inotify limit {limit} was reached; raise it: {fix}"
+        log.error(
+            "INOTIFY LIMIT REACHED: polling this folder instead, which costs more",
+            path=str(folder.path),
+            limit=limit,
+            fix=fix,
+            error=str(error),
+        )
+
+    def _apply_refusals(self) -> list[Folder]:
+        """Move off inotify every folder where the kernel refused a watch, even on one subdirectory."""
+        observer = self.observers.get(INOTIFY)
+        moved: list[Folder] = []
+        while (
+            sys.platform == "linux" and isinstance(observer, _InotifyObserver) and not observer.reader.refused.empty()
+        ):
+            raw, error = observer.reader.refused.get()
+            path = Path(os.fsdecode(raw))
+            for watch in list(self.watches.values()):
+                if watch.mode == INOTIFY and path.is_relative_to(watch.folder.path):
+                    self._unwatch(watch)
+                    self._refuse_inotify(watch.folder, error)
+                    self.unwatched[watch.folder.path] = "moving to polling"
+                    moved.append(watch.folder)
+        return moved
+
+    def _replace_dead_observers(self) -> bool:
+        replaced = False
+        for mode, observer in list(self.observers.items()):
+            if _running(observer):
+                continue
+            log.error("the observer stopped; starting a new one and rescanning every folder", mode=mode)
+            del self.observers[mode]
+            try:
+                observer.stop()
+            except Exception:
+                log.exception("cannot stop the dead observer cleanly", mode=mode)
+            for watch in [w for w in self.watches.values() if w.observer is observer]:
+                del self.watches[watch.folder.path]
+                self.unwatched[watch.folder.path] = f"waiting for the new {mode} observer"
+            try:
+                self._observer(mode)
+            except OSError as error:
+                log.error("cannot start a new observer; trying again at the next refresh", mode=mode, error=str(error))
+            replaced = True
+        return replaced
+
+    def _drop_stopped_watches(self) -> list[Folder]:
+        """Watches whose emitter stopped: watchdog ends one when its directory is deleted or cannot be listed."""
+        stopped = [watch for watch in self.watches.values() if not watch.running()]
+        for watch in stopped:
+            self._unwatch(watch)
+            self.unwatched[watch.folder.path] = "its watch stopped (deleted, moved or unmounted?); rewatched at refresh"
+            log.warning("a folder's watch stopped; rescanning it", path=str(watch.folder.path), mode=watch.mode)
+        return [watch.folder for watch in stopped]
+
+    def _inotify_overflowed(self) -> None:
+        log.warning(
+            "inotify dropped events (its queue overflowed); rescanning",
+            fix=raise_limit_command("max_queued_events", 65536),
+        )
+        for watch in list(self.watches.values()):
+            if watch.mode == INOTIFY:
+                self.rescan(watch.folder.path)

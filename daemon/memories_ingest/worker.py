@@ -60,18 +60,20 @@ class Worker:
         """Release what initialize() took."""
 
     def run(self) -> None:
-        self.initialize()
         try:
+            self.initialize()
             while not self.stop.is_set():
                 try:
                     self.loop()
-                except LedgerError as error:
-                    # Carrying on would turn a full or read-only disk into a loop of half-recorded work.
-                    self.fatal = error
-                    self.stop.set()
+                except LedgerError:
+                    raise
                 except Exception:
                     log.exception("worker loop failed; carrying on", worker=self.name)
                     self.stop.wait(1.0)
+        except LedgerError as error:
+            # Carrying on would turn a full or read-only disk into a loop of half-recorded work.
+            self.fatal = error
+            self.stop.set()
         finally:
             self.shutdown()
 
@@ -504,6 +506,8 @@ class Daemon:
         log.info("started", folders=len(self.config.folders), once=self.once, workers=len(self.uploaders))
         code = 0
         while not self.stop.wait(0.2):
+            if self.watcher is not None:
+                self.watcher.supervise()
             if not self.once:
                 continue
             pause = self.gate.pause
