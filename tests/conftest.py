@@ -16,8 +16,8 @@ from memories_ingest.config import Config, parse
 from memories_ingest.ledger import Ledger, Row
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
+from memories_ingest.service import Daemon
 from memories_ingest.uploader import Client, RetryPolicy
-from memories_ingest.worker import Daemon
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import structlog
 from . import __version__, probe
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, MissingApiKey, load, parse, read_api_key
 from .ledger import STATES, UPLOADED, UPLOADING, Ledger, LedgerError, Row
+from .service import Daemon
 from .uploader import Client
-from .worker import Daemon
 
 EXIT_CONFIG = 78
 EXIT_UNAVAILABLE = 69

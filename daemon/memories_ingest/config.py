@@ -130,6 +130,9 @@ class FolderFields(_Strict):
     video_transcription_prompt: str | None = None
     callback: str | None = Field(None, max_length=MAX_CALLBACK)
     require_audio: bool | None = None
+    metadata: Literal["config_first", "file_first"] | None = None
+    after_upload: Literal["keep", "delete", "move"] | None = None
+    move_to: str | None = None
 
 
 class FolderSection(FolderFields):
@@ -145,6 +148,28 @@ class FolderSection(FolderFields):
         return value
 
 
+def _address(value: Any) -> str | None:
+    if value is None:
+        return None
+    match = re.fullmatch(r"(?P<host>[^\s:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})", str(value))
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:9750")
+    return str(value)
+
+
+Address = Annotated[str | None, BeforeValidator(_address)]
+
+
+class IndexingSection(_Strict):
+    listen: Address = None
+    public_url: str | None = Field(None, max_length=MAX_CALLBACK)
+    poll_seconds: float | None = Field(None, gt=0)
+
+
+class MonitorSection(_Strict):
+    listen: Address = None
+
+
 class ConfigFile(_Strict):
     api: ApiSection = ApiSection()
     ledger: str = "/var/lib/memories-ingest/ledger.db"
@@ -152,6 +177,8 @@ class ConfigFile(_Strict):
     upload: UploadSection = UploadSection()
     defaults: FolderFields = FolderFields()
     folders: list[FolderSection] = Field(min_length=1)
+    indexing: IndexingSection = IndexingSection()
+    monitor: MonitorSection = MonitorSection()
 
 
 @dataclass(frozen=True)
@@ -169,6 +196,9 @@ class Folder:
     video_transcription_prompt: str | None
     callback: str | None
     require_audio: bool
+    metadata: Literal["config_first", "file_first"]
+    after_upload: Literal["keep", "delete", "move"]
+    move_to: Path | None
 
     def contains(self, path: Path) -> bool:
         try:
@@ -186,6 +216,8 @@ class Config:
     watch: WatchSection
     upload: UploadSection
     folders: tuple[Folder, ...]
+    indexing: IndexingSection
+    monitor: MonitorSection
 
     def folder_for(self, path: Path) -> Folder | None:
         for folder in self.folders:
@@ -256,12 +288,27 @@ def _merge(defaults: FolderFields, folder: FolderSection, base: Path) -> Folder:
         video_transcription_prompt=pick("video_transcription_prompt"),
         callback=pick("callback"),
         require_audio=bool(pick("require_audio")),
+        metadata=pick("metadata") or "config_first",
+        after_upload=pick("after_upload") or "keep",
+        move_to=(base / os.path.expanduser(pick("move_to"))).resolve() if pick("move_to") else None,
     )
 
 
 def _folder_problems(folders: tuple[Folder, ...]) -> list[str]:
     problems = []
     for index, folder in enumerate(folders):
+        if folder.after_upload == "move" and folder.move_to is None:
+            problems.append(f"folders[{index}].move_to: required when after_upload is move")
+        if folder.move_to is not None:
+            for other_index, other in enumerate(folders):
+                if folder.move_to == other.path or (
+                    folder.move_to.is_relative_to(other.path)
+                    and (other.recursive or folder.move_to.parent == other.path)
+                ):
+                    problems.append(
+                        f"folders[{index}].move_to: {folder.move_to} is inside folders[{other_index}], "
+                        "so moved files would be seen as new ones"
+                    )
         if len(folder.tags) > MAX_TAGS:
             problems.append(
                 f"folders[{index}].tags: {len(folder.tags)} tags with the defaults, at most {MAX_TAGS} are allowed"
@@ -306,6 +353,8 @@ def parse(document: Any, source: Path) -> Config:
         watch=checked.watch,
         upload=checked.upload,
         folders=folders,
+        indexing=checked.indexing,
+        monitor=checked.monitor,
     )
 
 

@@ -92,6 +92,15 @@ def add_sent_at(db: Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN sent_at REAL")
 
 
+@migrations()
+def add_progress_and_actions(db: Database) -> None:
+    """Upload progress that `status` in another process can read, and after-upload actions still to do."""
+    db.execute("ALTER TABLE files ADD COLUMN bytes_sent INTEGER")
+    db.execute("ALTER TABLE files ADD COLUMN started_at REAL")
+    db.execute("ALTER TABLE files ADD COLUMN action TEXT")
+    db.execute("ALTER TABLE files ADD COLUMN indexed_at REAL")
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or written; the message says what to fix."""
 
@@ -118,6 +127,10 @@ class Row:
     updated_at: float
     uploaded_at: float | None
     sent_at: float | None
+    bytes_sent: int | None
+    started_at: float | None
+    action: str | None
+    indexed_at: float | None
 
     @classmethod
     def from_sql(cls, record: sqlite3.Row) -> Row:
@@ -384,6 +397,31 @@ class Ledger:
                 [row.id, _key(row.path), row.unique_id, row.fingerprint, row.size, video_no, now],
             )
 
+    def mark_started(self, row_id: int) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute("UPDATE files SET bytes_sent = 0, started_at = ? WHERE id = ?", [now, row_id])
+
+    def mark_progress(self, row_id: int, bytes_sent: int) -> None:
+        """How far the upload in flight is; written about once a second, so `status` can show it."""
+        with self._write() as conn:
+            conn.execute("UPDATE files SET bytes_sent = ? WHERE id = ?", [bytes_sent, row_id])
+
+    def recent_errors(self, limit: int = 5) -> list[Row]:
+        found = self._read(
+            "SELECT * FROM files WHERE error IS NOT NULL AND state IN (?, ?, ?, ?, ?) ORDER BY updated_at DESC LIMIT ?",
+            [RETRYING, FAILED, REJECTED, INDEX_FAILED, QUEUED, limit],
+        )
+        return [Row.from_sql(r) for r in found]
+
+    def recent_uploads(self, limit: int = 20) -> list[Row]:
+        found = self._read(
+            f"SELECT * FROM files WHERE state IN ({','.join('?' * len(DELIVERED))}) AND uploaded_at IS NOT NULL"
+            " ORDER BY uploaded_at DESC LIMIT ?",
+            [*DELIVERED, limit],
+        )
+        return [Row.from_sql(r) for r in found]
+
     def mark_sent(self, row_id: int) -> None:
         """The whole body is about to reach the server: from here until an answer is stored, it may have landed."""
         now = self.clock()
@@ -512,3 +550,45 @@ class Ledger:
     def pause(self) -> Pause | None:
         found = self._read("SELECT value FROM settings WHERE key = 'pause'")
         return Pause(**json.loads(found[0][0])) if found else None
+
+    def status(self) -> dict[str, Any]:
+        """What `status`, the status page and the monitor show: one consistent read of the ledger."""
+        now = self.clock()
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                pause = self.pause()
+                uploading = self.rows(UPLOADING)
+                next_retry = self.next_retry()
+                errors = self.recent_errors()
+                counts = self.counts()
+            finally:
+                self._conn.execute("COMMIT")
+        in_flight = []
+        for row in uploading:
+            sent = row.bytes_sent or 0
+            elapsed = now - row.started_at if row.started_at else 0.0
+            speed = sent / elapsed if elapsed > 0 else 0.0
+            in_flight.append(
+                {
+                    "path": str(row.path),
+                    "unique_id": row.unique_id,
+                    "attempt": row.attempts,
+                    "bytes_sent": sent,
+                    "size": row.size,
+                    "percent": round(100 * sent / row.size, 1) if row.size else 100.0,
+                    "bytes_per_second": round(speed),
+                    "eta_seconds": round((row.size - sent) / speed, 1) if speed > 0 else None,
+                }
+            )
+        return {
+            "counts": counts,
+            "uploading": in_flight,
+            "paused": None if pause is None else {**pause.__dict__},
+            "next_retry": None
+            if next_retry is None
+            else {"path": str(next_retry.path), "at": next_retry.next_attempt_at, "error": next_retry.error},
+            "recent_errors": [
+                {"path": str(r.path), "state": r.state, "error": r.error, "at": r.updated_at} for r in errors
+            ],
+        }
