@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from memories_ingest.ledger import FAILED, UPLOADED, Ledger
+from memories_ingest.ledger import FAILED, UPLOADED, Ledger, Pause
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 
@@ -158,3 +158,70 @@ def test_the_demo_uploads_a_sample_video_to_the_sandbox() -> None:
     assert result.returncode == 0, result.stderr
     assert '"state": "uploaded"' in result.stdout
     assert "the sandbox received" in result.stdout
+
+
+def test_upload_sends_files_once_outside_the_daemon(config_file: Path, tmp_path: Path, sandbox: Sandbox) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    video = write_video(elsewhere / "holiday.mov", audio=True)
+    result = cli("upload", str(video), "--unique-id", "holidays", "--tag", "beach", config=config_file)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"uploaded {video}: VI")
+    (received,) = sandbox.received()
+    assert received.unique_id == "holidays" and received.tags == ["beach"]
+    again = cli("upload", str(video), config=config_file)
+    assert again.returncode == 0 and again.stdout.startswith(f"already uploaded {video}")
+    assert len(sandbox.received()) == 1
+
+
+def test_upload_uses_the_watched_folders_settings_and_reports_rejections(
+    config_file: Path, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    inside = write_video(tmp_path / "watched" / "door.mp4")
+    bad = write_video(tmp_path / "bad.mp4", codec="mpeg4")
+    result = cli("upload", str(inside), str(bad), config=config_file)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"uploaded {inside}")
+    assert lines[1] == f"rejected {bad}: video codec mpeg4 is not one of h264, hevc, vp9"
+    (received,) = sandbox.received()
+    assert received.unique_id == "cli" and received.tags == ["cli"]
+
+
+def test_status_shows_progress_pause_and_recent_errors(config_file: Path, tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    folder = tmp_path / "watched"
+    ledger.record_seen(folder / "big.mp4", folder, "cli", 4 << 20, 1, 1)
+    row = ledger.get(folder / "big.mp4")
+    assert row is not None and ledger.mark_queued(row, "fp", {})
+    claimed = ledger.claim([folder])
+    assert claimed is not None
+    ledger.mark_started(claimed.id)
+    ledger.mark_progress(claimed.id, 1 << 20)
+    ledger.record_seen(folder / "old.mp4", folder, "cli", 10, 1, 2)
+    old = ledger.get(folder / "old.mp4")
+    assert old is not None
+    ledger.mark_rejected(old.id, "video codec mpeg4 is not one of h264, hevc, vp9")
+    ledger.set_pause(Pause(reason="the account's balance is insufficient", since=1e9, until=1e9 + 600, kind="account"))
+    ledger.close()
+    text = cli("status", config=config_file).stdout
+    assert f"uploading {folder / 'big.mp4'} (attempt 1)" in text
+    assert "25.0%" in text and "1.0 MiB of 4.0 MiB" in text
+    assert "paused: the account's balance is insufficient since" in text
+    assert "video codec mpeg4" in text
+    document = json.loads(cli("status", "--json", config=config_file).stdout)
+    assert document["uploading"][0]["bytes_sent"] == 1 << 20 and document["paused"]["kind"] == "account"
+
+
+def test_status_watch_redraws_until_interrupted(config_file: Path) -> None:
+    watcher = subprocess.Popen(
+        [*COMMAND, "status", "--watch", "--interval", "0.2", "-c", str(config_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
+    threading.Event().wait(1.5)
+    watcher.send_signal(signal.SIGINT)
+    output, _ = watcher.communicate(timeout=10)
+    assert watcher.returncode == 0
+    assert output.count("\x1b[2J") >= 2 and "the ledger is empty" in output

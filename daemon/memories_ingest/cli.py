@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -18,10 +21,12 @@ from typing import Any, TextIO
 import structlog
 
 from . import __version__, probe
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, MissingApiKey, load, parse, read_api_key
-from .ledger import STATES, UPLOADED, UPLOADING, Ledger, LedgerError, Row
-from .service import Daemon
-from .uploader import Client
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, Folder, MissingApiKey, load, parse, read_api_key
+from .ledger import DELIVERED, FAILED, GONE, PENDING, REJECTED, RETRYING, STATES, UPLOADED, Ledger, LedgerError, Row
+from .service import EXIT_PAUSED, Daemon
+from .uploader import Client, Gate, RateLimiter
+from .watcher import Recorder
+from .worker import Settler, UploadWorker
 
 EXIT_CONFIG = 78
 EXIT_UNAVAILABLE = 69
@@ -82,6 +87,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(config: Config, key: str) -> Client:
+    return Client(
+        config.api.base_url,
+        key,
+        connect_timeout=config.api.connect_timeout_seconds,
+        read_timeout=config.api.read_timeout_seconds,
+        min_bytes_per_second=config.upload.min_bytes_per_second,
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     try:
@@ -90,13 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"memories-ingest: {error}", file=sys.stderr)
         return EXIT_CONFIG
     ledger = _open_ledger(config)
-    client = Client(
-        config.api.base_url,
-        key,
-        connect_timeout=config.api.connect_timeout_seconds,
-        read_timeout=config.api.read_timeout_seconds,
-        min_bytes_per_second=config.upload.min_bytes_per_second,
-    )
+    client = _client(config, key)
     daemon = Daemon(config, ledger, client, once=args.once)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -114,38 +123,80 @@ def cmd_run(args: argparse.Namespace) -> int:
         ledger.close()
 
 
-def status_document(ledger: Ledger) -> dict[str, Any]:
-    pause = ledger.pause()
-    next_retry = ledger.next_retry()
-    return {
-        "counts": ledger.counts(),
-        "uploading": [{"path": str(r.path), "attempts": r.attempts, "size": r.size} for r in ledger.rows(UPLOADING)],
-        "paused": None
-        if pause is None
-        else {"reason": pause.reason, "kind": pause.kind, "since": pause.since, "until": pause.until},
-        "next_retry": None
-        if next_retry is None
-        else {"path": str(next_retry.path), "at": next_retry.next_attempt_at, "error": next_retry.error},
-    }
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def _bar(percent: float, width: int = 24) -> str:
+    filled = round(width * min(max(percent, 0.0), 100.0) / 100)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _clock(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    when = datetime.fromtimestamp(timestamp)
+    return when.strftime("%H:%M:%S" if when.date() == datetime.now().date() else "%Y-%m-%d %H:%M")
+
+
+def render_status(document: dict[str, Any]) -> str:
+    """The human view of Ledger.status(): what `status` prints and `status --watch` redraws."""
+    lines = ["  ".join(f"{state}: {n}" for state, n in document["counts"].items() if n) or "the ledger is empty"]
+    for upload in document["uploading"]:
+        eta = f"ETA {upload['eta_seconds']:.0f} s" if upload["eta_seconds"] is not None else "ETA -"
+        lines.append(
+            f"uploading {upload['path']} (attempt {upload['attempt']})\n"
+            f"  {_bar(upload['percent'])} {upload['percent']:5.1f}%  {_size(upload['bytes_sent'])} of "
+            f"{_size(upload['size'])}  {_size(upload['bytes_per_second'])}/s  {eta}"
+        )
+    paused = document["paused"]
+    if paused:
+        lines.append(
+            f"paused: {paused['reason']} since {_clock(paused['since'])}, next check {_clock(paused['until'])}"
+        )
+    retry = document["next_retry"]
+    if retry:
+        lines.append(f"next retry: {retry['path']} at {_clock(retry['at'])} ({retry['error']})")
+    if document["recent_errors"]:
+        lines.append("recent errors:")
+        lines.extend(
+            f"  {_clock(e['at'])} {e['state']:<12} {e['path']}: {e['error']}" for e in document["recent_errors"]
+        )
+    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     ledger = _open_ledger(_load_config(args.config))
-    document = status_document(ledger)
-    ledger.close()
-    if args.json:
-        print(json.dumps(document, indent=2))
-        return 0
-    print("  ".join(f"{state}: {count}" for state, count in document["counts"].items() if count) or "ledger is empty")
-    for upload in document["uploading"]:
-        print(f"uploading: {upload['path']} ({upload['size']} bytes, attempt {upload['attempts']})")
-    if document["paused"]:
-        paused = document["paused"]
-        print(f"paused: {paused['reason']} since {_when(paused['since'])}, next check {_when(paused['until'])}")
-    if document["next_retry"]:
-        retry = document["next_retry"]
-        print(f"next retry: {retry['path']} at {_when(retry['at'])} ({retry['error']})")
+    try:
+        if args.json:
+            print(json.dumps(ledger.status(), indent=2))
+        elif args.watch:
+            stop = _stop_on_signals()
+            while True:
+                sys.stdout.write("\x1b[H\x1b[2J" + render_status(ledger.status()) + "\n")
+                sys.stdout.flush()
+                if stop.wait(args.interval):
+                    break
+        else:
+            print(render_status(ledger.status()))
+    finally:
+        ledger.close()
     return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
 
 
 def _row_json(row: Row) -> dict[str, Any]:
@@ -175,6 +226,128 @@ def cmd_retry(args: argparse.Namespace) -> int:
     ledger.close()
     print(f"{changed} file(s) back in the queue")
     return 0
+
+
+def _upload_folder(config: Config, path: Path, unique_id: str | None, tags: Sequence[str]) -> Folder:
+    """The settings for a file given on the command line: its watched folder's, else the defaults'."""
+    base = config.folder_for(path) or config.defaults
+    return dataclasses.replace(
+        base,
+        path=path.parent,
+        recursive=False,
+        unique_id=unique_id or base.unique_id,
+        tags=tuple(dict.fromkeys([*base.tags, *tags])),
+    )
+
+
+class _ProgressBar:
+    def __init__(self, name: str, size: int, stream: TextIO = sys.stderr) -> None:
+        self.name = name
+        self.size = size
+        self.stream = stream
+        self.started = time.monotonic()
+
+    def __call__(self, sent: int) -> None:
+        if not self.stream.isatty():
+            return
+        percent = 100 * sent / self.size if self.size else 100.0
+        speed = sent / max(time.monotonic() - self.started, 1e-6)
+        self.stream.write(f"\r{self.name} {_bar(percent)} {percent:5.1f}%  {_size(sent)}  {_size(speed)}/s ")
+        self.stream.flush()
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    if args.unique_id == "":
+        print("memories-ingest upload: --unique-id must not be empty", file=sys.stderr)
+        return 2
+    try:
+        key = read_api_key(config.api)
+    except MissingApiKey as error:
+        print(f"memories-ingest: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    paths = [Path(p).absolute() for p in args.files]
+    folders = {path.parent: _upload_folder(config, path, args.unique_id, args.tag) for path in paths}
+    config = dataclasses.replace(config, folders=(*folders.values(), *config.folders))
+    ledger = _open_ledger(config)
+    client = _client(config, key)
+    stop = _stop_on_signals()
+    gate = Gate(ledger, config.upload.account_check_seconds)
+    settler = Settler(stop, config, ledger, threading.Event(), threading.Event())
+    uploader = UploadWorker(
+        stop, 1, config, ledger, client, RateLimiter(config.upload.rate_per_second), gate, threading.Event(), stop
+    )
+    recorder = Recorder(config, ledger, threading.Event())
+    problems = 0
+    try:
+        for path in paths:
+            outcome = _upload_one(path, folders[path.parent], ledger, recorder, settler, uploader, gate, stop)
+            print(outcome)
+            problems += not outcome.startswith(("uploaded", "already uploaded"))
+            if stop.is_set():
+                break
+    finally:
+        client.close()
+        ledger.close()
+    pause = gate.pause
+    if pause is not None and pause.kind == "account":
+        return EXIT_PAUSED
+    return 1 if problems else 0
+
+
+def _upload_one(
+    path: Path,
+    folder: Folder,
+    ledger: Ledger,
+    recorder: Recorder,
+    settler: Settler,
+    uploader: UploadWorker,
+    gate: Gate,
+    stop: threading.Event,
+) -> str:
+    """Validate and upload one file in the foreground, through the ledger and the daemon's retry rules."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError as error:
+        return f"rejected {path}: {error.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"rejected {path}: not a regular file"
+    recorder.record(path, info, folder)
+    row = ledger.get(path)
+    if row is None:
+        return f"rejected {path}: an ignored name (hidden or temporary)"
+    if row.state in DELIVERED:
+        return f"already uploaded {path}: {row.video_no}"
+    if row.state in (FAILED, REJECTED, GONE):
+        ledger.retry([path])
+    uploader.on_progress = _ProgressBar(path.name, info.st_size)
+    while not stop.is_set():
+        row = ledger.get(path)
+        assert row is not None
+        if row.state in DELIVERED:
+            note = f" ({row.error})" if row.error else ""
+            return f"uploaded {path}: {row.video_no}{note}"
+        if row.state in (REJECTED, FAILED, GONE):
+            return f"{row.state} {path}: {row.error}"
+        if row.state == PENDING:
+            settler.validate(row, folder)
+            continue
+        pause = gate.pause
+        if pause is not None and pause.kind == "account":
+            return f"paused {path}: {pause.reason}"
+        wait = (row.next_attempt_at or 0) - time.time()
+        if row.state == RETRYING and wait > 0:
+            print(f"retrying {path} in {wait:.0f} s: {row.error}", file=sys.stderr)
+        if (wait > 0 and stop.wait(min(wait, 5.0))) or not gate.wait_open(stop):
+            break
+        claimed = ledger.claim_row(row.id)
+        if claimed is None:
+            stop.wait(0.5)
+            continue
+        uploader.upload(claimed)
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    return f"interrupted {path}: it stays in the ledger, and the daemon or a new `upload` finishes it"
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -274,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[common], help="counts per state, uploads, pause, next retry")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="redraw the view live until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     status.set_defaults(handler=cmd_status)
 
     listing = commands.add_parser("list", parents=[common], help="the ledger's rows")
@@ -285,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all-failed", action="store_true")
     retry.add_argument("paths", nargs="*", metavar="PATH")
     retry.set_defaults(handler=cmd_retry)
+
+    upload = commands.add_parser(
+        "upload", parents=[common], help="upload files once, outside the daemon, with the same checks and ledger"
+    )
+    upload.add_argument("files", nargs="+", metavar="FILE")
+    upload.add_argument("--unique-id", help="the memories.ai folder scope (default: the file's watched folder's)")
+    upload.add_argument("--tag", action="append", default=[], help="a tag to add; repeat for more")
+    upload.set_defaults(handler=cmd_upload)
 
     check = commands.add_parser("check", parents=[common], help="validate the config and exit")
     check.set_defaults(handler=cmd_check)

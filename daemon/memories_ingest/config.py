@@ -218,6 +218,7 @@ class Config:
     folders: tuple[Folder, ...]
     indexing: IndexingSection
     monitor: MonitorSection
+    defaults: Folder
 
     def folder_for(self, path: Path) -> Folder | None:
         for folder in self.folders:
@@ -355,6 +356,7 @@ def parse(document: Any, source: Path) -> Config:
         folders=folders,
         indexing=checked.indexing,
         monitor=checked.monitor,
+        defaults=_merge(checked.defaults, FolderSection(path=str(base)), base),
     )
 
 
