@@ -383,6 +383,17 @@ class Ledger:
             )
         return self.get_id(found["id"])
 
+    def claim_row(self, row_id: int) -> Row | None:
+        """Take one particular row for upload, if it is queued or its retry is due (the `upload` command)."""
+        now = self.clock()
+        with self._write() as conn:
+            claimed = conn.execute(
+                "UPDATE files SET state = ?, attempts = attempts + 1, updated_at = ?"
+                " WHERE id = ? AND state IN (?, ?) AND next_attempt_at <= ?",
+                [UPLOADING, now, row_id, QUEUED, RETRYING, now],
+            ).rowcount
+        return self.get_id(row_id) if claimed else None
+
     def mark_uploaded(self, row: Row, video_no: str, note: str | None = None) -> None:
         now = self.clock()
         with self._write() as conn:

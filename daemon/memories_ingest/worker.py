@@ -75,6 +75,26 @@ class Worker:
             self.shutdown()
 
 
+class ProgressWriter:
+    """Writes an upload's progress to the ledger at most once a second, for `status` in other processes."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, ledger: Ledger, row_id: int, listener: Callable[[int], None] | None = None) -> None:
+        self.ledger = ledger
+        self.row_id = row_id
+        self.listener = listener
+        self.last = time.monotonic()
+
+    def __call__(self, bytes_sent: int) -> None:
+        if self.listener:
+            self.listener(bytes_sent)
+        now = time.monotonic()
+        if now - self.last >= self.INTERVAL:
+            self.last = now
+            self.ledger.mark_progress(self.row_id, bytes_sent)
+
+
 def _same_file(row: Row, info: os.stat_result) -> bool:
     return (row.size, row.mtime_ns, row.inode) == (info.st_size, info.st_mtime_ns, info.st_ino)
 
@@ -285,6 +305,7 @@ class UploadWorker(Worker):
         self.policy = policy
         self.clock = clock
         self.busy = threading.Event()
+        self.on_progress: Callable[[int], None] | None = None
 
     def loop(self) -> None:
         if not self.gate.wait_open(self.stop):
@@ -326,8 +347,14 @@ class UploadWorker(Worker):
                     self.gate.release_probe()
                     return
                 log.info("uploading", state="uploading", size=row.size, **context)
+                self.ledger.mark_started(row.id)
                 reader = SnapshotReader(
-                    fd, info, str(row.path), self.abandon, before_last_block=lambda: self.ledger.mark_sent(row.id)
+                    fd,
+                    info,
+                    str(row.path),
+                    self.abandon,
+                    before_last_block=lambda: self.ledger.mark_sent(row.id),
+                    progress=ProgressWriter(self.ledger, row.id, self.on_progress),
                 )
                 content_type = probe.content_type_for(row.path) or "video/mp4"
                 outcome = self.client.upload(reader, row.path.name, content_type, upload_fields(folder, row))
