@@ -179,9 +179,12 @@ def test_a_full_disk_stops_the_daemon_with_one_clear_error(tmp_path: Path, sandb
     for n in range(30):
         write_video(tmp_path / "watched" / f"v{n}.mp4", seconds=1 + n / 10)
 
+    Ledger(tmp_path / "ledger.db").close()
+    room = (tmp_path / "ledger.db").stat().st_size + 48 * 1024
+
     def small_disk() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, 96 * 1024))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
 
     daemon = start(config, preexec_fn=small_disk)
     _, stderr = daemon.communicate(timeout=60)

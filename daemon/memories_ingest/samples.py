@@ -42,6 +42,7 @@ def write_video(
     audio: bool = False,
     metadata: Mapping[str, str] | None = None,
     faststart: bool = False,
+    muxer_options: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a short video and return its path.
 
@@ -49,6 +50,8 @@ def write_video(
     follows the last video extension in the name, in any case, so ``clip.MP4`` and
     ``clip.mp4.part`` (written, then renamed into place) both work. ``faststart`` puts the
     moov box before the media data (mp4 and mov only), as :func:`faststart_padding` needs.
+    ``muxer_options`` are FFmpeg muxer options over the defaults, e.g. ``{"movflags": "-use_metadata_tags"}``
+    to keep only the tags with a classic QuickTime atom (location, make, model), as most cameras write them.
     """
     target = Path(path)
     named_muxers = [MUXERS_BY_EXTENSION.get(suffix.lower()) for suffix in reversed(target.suffixes)]
@@ -63,17 +66,18 @@ def write_video(
     if faststart and muxer not in _ISO_BMFF_MUXERS:
         raise ValueError(f"faststart needs an mp4 or mov container, not {muxer}")
 
-    muxer_options = {}
+    options = {}
     if muxer in _ISO_BMFF_MUXERS:
         # Without use_metadata_tags the mp4 muxer drops keys it has no atom for (make, model...).
         flags = ["faststart"] if faststart else []
         if metadata:
             flags.append("use_metadata_tags")
         if flags:
-            muxer_options["movflags"] = "+".join(flags)
+            options["movflags"] = "+".join(flags)
+    options.update(muxer_options or {})
 
     encoder = ENCODERS[codec]
-    with av.open(target, "w", format=muxer, options=muxer_options) as output:
+    with av.open(target, "w", format=muxer, options=options) as output:
         output.metadata.update(metadata or {})
         video = output.add_stream(encoder, rate=fps, options=_ENCODER_OPTIONS[encoder])
         video.width, video.height = width, height

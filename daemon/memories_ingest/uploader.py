@@ -403,22 +403,37 @@ def _reason(error: Exception) -> str:
 
 
 def capture_time(row: Row) -> str:
-    """The container's creation_time, else the file's mtime, in this host's time zone."""
+    """When the file says it was recorded (MediaInfo.creation_time), else its mtime, in this host's time zone."""
     created = (row.media or {}).get("creation_time")
     when = datetime.fromisoformat(str(created)) if created else datetime.fromtimestamp(row.mtime_ns / 1e9, timezone.utc)
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def upload_fields(folder: Folder, row: Row) -> list[tuple[str, str]]:
+    """The form fields of one upload. ``folder.metadata`` says whose place and camera win: the folder's or file's."""
+    from .probe import MediaInfo
+
+    from_file = MediaInfo.from_json(row.media) if row.media else None
+    file_camera = from_file.camera_model if from_file else None
+    file_place = (from_file.latitude, from_file.longitude) if from_file else (None, None)
+    folder_place = (folder.latitude, folder.longitude)
+    # A place is a pair: latitude and longitude always come from the same source.
+    if folder.metadata == "file_first":
+        camera_model = file_camera or folder.camera_model
+        latitude, longitude = file_place if any(file_place) else folder_place
+    else:
+        camera_model = folder.camera_model or file_camera
+        latitude, longitude = folder_place if any(folder_place) else file_place
+
     fields: list[tuple[str, str]] = []
     if folder.unique_id:
         fields.append(("unique_id", folder.unique_id))
     fields.append(("datetime_taken", capture_time(row)))
     fields.extend(("tags", tag) for tag in folder.tags)
     optional = {
-        "camera_model": folder.camera_model,
-        "latitude": folder.latitude,
-        "longitude": folder.longitude,
+        "camera_model": camera_model,
+        "latitude": latitude,
+        "longitude": longitude,
         "video_transcription_prompt": folder.video_transcription_prompt,
         "callback": folder.callback,
     }
