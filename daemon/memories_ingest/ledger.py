@@ -101,6 +101,19 @@ def add_progress_and_actions(db: Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN indexed_at REAL")
 
 
+@migrations()
+def add_action_outcome(db: Database) -> None:
+    """Where a moved file went, and why an after-upload action still waits: it is retried, never dropped.
+
+    Indexing results arrive by videoNo, one callback per video, so that lookup gets an index.
+    """
+    db.execute("ALTER TABLE files ADD COLUMN moved_to BLOB")
+    db.execute("ALTER TABLE files ADD COLUMN action_error TEXT")
+    db.execute("ALTER TABLE files ADD COLUMN action_attempts INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE files ADD COLUMN action_at REAL")
+    db.execute("CREATE INDEX files_video_no ON files (video_no)")
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or written; the message says what to fix."""
 
@@ -131,6 +144,10 @@ class Row:
     started_at: float | None
     action: str | None
     indexed_at: float | None
+    moved_to: Path | None
+    action_error: str | None
+    action_attempts: int
+    action_at: float | None
 
     @classmethod
     def from_sql(cls, record: sqlite3.Row) -> Row:
@@ -138,12 +155,14 @@ class Row:
         values["path"] = Path(os.fsdecode(values["path"]))
         values["folder"] = Path(os.fsdecode(values["folder"]))
         values["media"] = json.loads(values["media"]) if values["media"] else None
+        values["moved_to"] = Path(os.fsdecode(values["moved_to"])) if values["moved_to"] else None
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["path"] = str(self.path)
         data["folder"] = str(self.folder)
+        data["moved_to"] = str(self.moved_to) if self.moved_to else None
         return data
 
 
@@ -334,16 +353,20 @@ class Ledger:
             )
             return cursor.rowcount == 1
 
-    def mark_duplicate(self, row: Row, fingerprint: str, original: Row) -> None:
-        """Same content as a delivered row: keep its videoNo instead of sending the bytes again."""
+    def mark_duplicate(self, row: Row, fingerprint: str, original: Row, *, action: str | None = None) -> None:
+        """Same content as a delivered row: keep its videoNo instead of sending the bytes again.
+
+        `action` (delete or move) is what the finisher then does with this file, as after an upload.
+        """
         note = None if original.id == row.id else f"same content as {original.path}, already uploaded"
         state = original.prior_state if original.id == row.id else original.state
         now = self.clock()
         with self._write() as conn:
             conn.execute(
                 "UPDATE files SET state = ?, prior_state = NULL, fingerprint = ?, video_no = ?, error = ?,"
-                " uploaded_at = COALESCE(uploaded_at, ?), updated_at = ? WHERE id = ? AND state = ?",
-                [state, fingerprint, original.video_no, note, original.uploaded_at, now, row.id, PENDING],
+                " uploaded_at = COALESCE(uploaded_at, ?), action = ?, action_at = ?, action_error = NULL,"
+                " action_attempts = 0, moved_to = NULL, updated_at = ? WHERE id = ? AND state = ?",
+                [state, fingerprint, original.video_no, note, original.uploaded_at, action, now, now, row.id, PENDING],
             )
 
     def mark_rejected(self, row_id: int, reason: str) -> None:
@@ -394,13 +417,15 @@ class Ledger:
             ).rowcount
         return self.get_id(row_id) if claimed else None
 
-    def mark_uploaded(self, row: Row, video_no: str, note: str | None = None) -> None:
+    def mark_uploaded(self, row: Row, video_no: str, note: str | None = None, *, action: str | None = None) -> None:
+        """The server gave a videoNo. `action` (delete or move) is what the finisher then does with the file."""
         now = self.clock()
         with self._write() as conn:
             conn.execute(
                 "UPDATE files SET state = ?, video_no = ?, error = ?, next_attempt_at = NULL, uploaded_at = ?,"
-                " sent_at = NULL, updated_at = ? WHERE id = ?",
-                [UPLOADED, video_no, note, now, now, row.id],
+                " sent_at = NULL, action = ?, action_at = ?, action_error = NULL, action_attempts = 0,"
+                " moved_to = NULL, updated_at = ? WHERE id = ?",
+                [UPLOADED, video_no, note, now, action, now, now, row.id],
             )
             conn.execute(
                 "INSERT INTO uploads (file_id, path, unique_id, fingerprint, size, video_no, uploaded_at)"
@@ -603,3 +628,67 @@ class Ledger:
                 {"path": str(r.path), "state": r.state, "error": r.error, "at": r.updated_at} for r in errors
             ],
         }
+
+    # -- after upload: the finisher's delete or move, and what memories.ai said about each video ---------------
+
+    def due_action(self) -> Row | None:
+        """The delivered row whose delete or move is due first; a row without a videoNo never has one."""
+        found = self._read(
+            "SELECT * FROM files WHERE action IS NOT NULL AND video_no IS NOT NULL"
+            f" AND state IN ({','.join('?' * len(DELIVERED))}) AND COALESCE(action_at, 0) <= ?"
+            " ORDER BY action_at, id LIMIT 1",
+            [*DELIVERED, self.clock()],
+        )
+        return Row.from_sql(found[0]) if found else None
+
+    def next_action_at(self) -> float | None:
+        found = self._read(
+            "SELECT MIN(action_at) FROM files WHERE action IS NOT NULL AND video_no IS NOT NULL"
+            f" AND state IN ({','.join('?' * len(DELIVERED))})",
+            DELIVERED,
+        )[0][0]
+        return None if found is None else float(found)
+
+    def action_done(self, row_id: int, moved_to: Path | None = None) -> None:
+        """The delete or move is done, or nothing was left to do; moved_to is where a moved file is now."""
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET action = NULL, action_at = NULL, action_error = NULL, moved_to = ?, updated_at = ?"
+                " WHERE id = ?",
+                [None if moved_to is None else _key(moved_to), now, row_id],
+            )
+
+    def action_failed(self, row_id: int, error: str, retry_at: float) -> None:
+        """The delete or move failed: it stays to do, with why, and is tried again at retry_at."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET action_error = ?, action_attempts = action_attempts + 1, action_at = ?,"
+                " updated_at = ? WHERE id = ?",
+                [error, retry_at, self.clock(), row_id],
+            )
+
+    def awaiting_index(self) -> list[Row]:
+        """Uploaded rows memories.ai has said nothing final about yet, oldest upload first."""
+        found = self._read(
+            "SELECT * FROM files WHERE state = ? AND video_no IS NOT NULL ORDER BY uploaded_at, id", [UPLOADED]
+        )
+        return [Row.from_sql(r) for r in found]
+
+    def mark_indexed(self, video_no: str, failure: str | None = None) -> bool:
+        """memories.ai is done with a video: `indexed`, or `index_failed` with the failure's cause as the error.
+
+        Every row with that videoNo moves (a copy shares its original's), from `uploaded` or `index_failed` only.
+        True when a row changed: hearing again what is already recorded changes nothing.
+        """
+        state = INDEXED if failure is None else INDEX_FAILED
+        now = self.clock()
+        with self._write() as conn:
+            changed: int = conn.execute(
+                # Leaving index_failed drops the old cause; leaving uploaded keeps a note such as "same content as".
+                "UPDATE files SET state = ?, error = CASE WHEN state = ? THEN ? ELSE COALESCE(?, error) END,"
+                " indexed_at = ?, updated_at = ?"
+                " WHERE video_no = ? AND state IN (?, ?) AND NOT (state = ? AND error IS ?)",
+                [state, INDEX_FAILED, failure, failure, now, now, video_no, UPLOADED, INDEX_FAILED, state, failure],
+            ).rowcount
+        return changed > 0
