@@ -225,3 +225,38 @@ def test_status_watch_redraws_until_interrupted(config_file: Path) -> None:
     output, _ = watcher.communicate(timeout=10)
     assert watcher.returncode == 0
     assert output.count("\x1b[2J") >= 2 and "the ledger is empty" in output
+
+
+def test_sighup_switches_to_a_good_config_and_keeps_the_old_one_when_the_new_one_is_bad(
+    config_file: Path, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    daemon = start_daemon(config_file)
+    lines: list[dict[str, Any]] = []
+
+    def read_log() -> None:
+        assert daemon.stderr is not None
+        lines.extend(json.loads(line) for line in daemon.stderr if line.startswith("{"))
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any(line["event"] == "started" for line in lines), what="the daemon to start")
+        good = yaml.safe_load(config_file.read_text())
+        config_file.write_text("folders: [{path: watched, latitude: north}]\n")
+        daemon.send_signal(signal.SIGHUP)
+        wait_until(lambda: any("the new config is invalid" in line["event"] for line in lines), what="the refusal")
+        first = write_video(tmp_path / "watched" / "first.mp4")
+        wait_until(lambda: uploaded(tmp_path / "ledger.db", first), what="an upload under the old config")
+        good["folders"][0]["tags"] = ["reloaded"]
+        config_file.write_text(yaml.safe_dump(good))
+        daemon.send_signal(signal.SIGHUP)
+        wait_until(lambda: sum(line["event"] == "started" for line in lines) == 2, what="the restart")
+        second = write_video(tmp_path / "watched" / "second.mp4", seconds=2)
+        wait_until(lambda: uploaded(tmp_path / "ledger.db", second), what="an upload under the new config")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    tags = {video.filename: video.tags for video in sandbox.received()}
+    assert tags == {"first.mp4": ["cli"], "second.mp4": ["reloaded"]}
+    refusal = next(line for line in lines if "the new config is invalid" in line["event"])
+    assert any("folders[0].latitude: 'north' is not a decimal number" in p for p in refusal["problems"])

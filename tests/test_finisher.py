@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from memories_ingest.config import Config, parse
-from memories_ingest.finisher import Finisher, action_for
+from memories_ingest.finisher import Finisher
 from memories_ingest.ledger import PENDING, UPLOADED, Ledger, Row
 from memories_ingest.uploader import RetryPolicy, fingerprint
 from memories_ingest.watcher import Recorder, Watcher
@@ -70,7 +70,7 @@ def deliver(ledger: Ledger, config: Config, path: Path, video_no: str = "VI1", a
     assert folder is not None
     claimed = ledger.claim([folder.path])
     assert claimed is not None and claimed.path == path
-    ledger.mark_uploaded(claimed, video_no, action=action or action_for(folder))
+    ledger.mark_uploaded(claimed, video_no, action=action or folder.action)
     return ledger.get_id(claimed.id)
 
 
@@ -228,7 +228,7 @@ def test_a_copy_of_an_uploaded_file_gets_the_action_too(tmp_path: Path, ledger: 
     row = seen(ledger, config, copy)
     found = ledger.delivered_copy(row, content_of(copy))
     assert found is not None and found.path == original
-    ledger.mark_duplicate(row, content_of(copy), found, action=action_for(config.folders[0]))
+    ledger.mark_duplicate(row, content_of(copy), found, action=config.folders[0].action)
     with running(finisher_for(config, ledger)):
         wait_until(lambda: not copy.exists(), 5, "the copy's delete")
     assert original.exists()

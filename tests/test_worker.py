@@ -465,3 +465,46 @@ def test_files_of_other_owners_follow_the_configured_policy(pipeline: Build, tmp
     run.wait_state(mine, UPLOADED)
     row = run.wait_state(theirs, REJECTED)
     assert row.error is not None and "belongs to uid 12345" in row.error
+
+
+def test_after_upload_delete_and_move_run_in_the_daemon(pipeline: Build, tmp_path: Path) -> None:
+    done = tmp_path / "done"
+    done.mkdir()
+    (tmp_path / "moved").mkdir()
+    run = pipeline(
+        folders=[
+            {"path": str(tmp_path / "watched"), "unique_id": "a", "after_upload": "delete"},
+            {"path": str(tmp_path / "moved"), "unique_id": "b", "after_upload": "move", "move_to": str(done)},
+        ]
+    ).start()
+    deleted = write_video(tmp_path / "watched" / "gone.mp4")
+    moved = write_video(tmp_path / "moved" / "kept.mp4", seconds=2)
+    wait_until(lambda: not deleted.exists() and (done / "kept.mp4").exists(), what="the delete and the move")
+    assert not moved.exists()
+    for path in (deleted, moved):
+        row = run.row(path)
+        assert row is not None and row.state == UPLOADED and row.video_no and row.action is None
+    threading.Event().wait(1.0)
+    assert len(run.sandbox.received()) == 2
+
+
+def test_indexing_results_arrive_by_polling(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline(indexing={"poll_seconds": 0.3})
+    run.sandbox.fail_next_parse("the video has no decodable frames")
+    bad = write_video(tmp_path / "watched" / "bad.mp4")
+    run.start()
+    failed = run.wait_state(bad, "index_failed")
+    assert failed.error == "the video has no decodable frames"
+    good = write_video(tmp_path / "watched" / "good.mp4", seconds=2)
+    run.wait_state(good, "indexed")
+
+
+def test_indexing_results_arrive_by_callback(pipeline: Build, tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    run = pipeline(indexing={"listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}/memories"})
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    run.start()
+    run.wait_state(video, "indexed")
+    assert run.sandbox.received()[0].fields["callback"] == [f"http://127.0.0.1:{port}/memories"]

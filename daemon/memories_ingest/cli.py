@@ -22,6 +22,7 @@ import structlog
 
 from . import __version__, probe
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, Folder, MissingApiKey, load, parse, read_api_key
+from .indexer import ListenFailed
 from .ledger import DELIVERED, FAILED, GONE, PENDING, REJECTED, RETRYING, STATES, UPLOADED, Ledger, LedgerError, Row
 from .service import EXIT_PAUSED, Daemon
 from .uploader import Client, Gate, RateLimiter
@@ -99,28 +100,43 @@ def _client(config: Config, key: str) -> Client:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
-    try:
-        key = read_api_key(config.api)
-    except MissingApiKey as error:
-        print(f"memories-ingest: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    ledger = _open_ledger(config)
-    client = _client(config, key)
-    daemon = Daemon(config, ledger, client, once=args.once)
+    log = structlog.get_logger()
+    daemon: Daemon | None = None
 
-    def on_signal(signum: int, frame: object) -> None:
-        daemon.request_stop()
+    def on_stop(signum: int, frame: object) -> None:
+        if daemon is not None:
+            daemon.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        return daemon.run()
-    except LedgerError as error:
-        structlog.get_logger().error("stopping: the ledger cannot be written", error=str(error))
-        return EXIT_UNAVAILABLE
-    finally:
-        client.close()
-        ledger.close()
+    def on_reload(signum: int, frame: object) -> None:
+        if daemon is not None:
+            daemon.request_reload()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    while True:
+        try:
+            key = read_api_key(config.api)
+        except MissingApiKey as error:
+            print(f"memories-ingest: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        ledger = _open_ledger(config)
+        client = _client(config, key)
+        try:
+            daemon = Daemon(config, ledger, client, once=args.once, loader=lambda: load(args.config))
+            code = daemon.run()
+        except ListenFailed as error:
+            log.error("cannot listen for indexing callbacks", error=str(error))
+            return EXIT_CONFIG
+        except LedgerError as error:
+            log.error("stopping: the ledger cannot be written", error=str(error))
+            return EXIT_UNAVAILABLE
+        finally:
+            client.close()
+            ledger.close()
+        if daemon.reloaded is None:
+            return code
+        config = daemon.reloaded
 
 
 def _size(count: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable
@@ -200,6 +201,11 @@ class Folder:
     after_upload: Literal["keep", "delete", "move"]
     move_to: Path | None
 
+    @property
+    def action(self) -> str | None:
+        """What happens to a file of this folder once it has a videoNo: delete, move, or None to keep it."""
+        return None if self.after_upload == "keep" else self.after_upload
+
     def contains(self, path: Path) -> bool:
         try:
             relative = path.relative_to(self.path)
@@ -344,6 +350,10 @@ def parse(document: Any, source: Path) -> Config:
         ) from None
     base = source.parent
     folders = tuple(_merge(checked.defaults, folder, base) for folder in checked.folders)
+    if checked.indexing.public_url:
+        folders = tuple(
+            dataclasses.replace(folder, callback=folder.callback or checked.indexing.public_url) for folder in folders
+        )
     problems = _folder_problems(folders)
     if problems:
         raise ConfigError(source, problems)

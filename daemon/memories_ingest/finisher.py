@@ -40,11 +40,6 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def action_for(folder: Folder) -> str | None:
-    """What the ledger's `action` says for a file of this folder once it has a videoNo; None keeps the file."""
-    return None if folder.after_upload == "keep" else folder.after_upload
-
-
 class ActionFailed(Exception):
     """The delete or move cannot be done now; the message says why, and it is tried again later."""
 

@@ -19,6 +19,7 @@ import structlog
 from . import probe
 from .config import Config, Folder
 from .ledger import Ledger, LedgerError, Row
+from .monitor import Metrics
 from .uploader import (
     Abandoned,
     Client,
@@ -46,6 +47,7 @@ class Worker:
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
         self.fatal: LedgerError | None = None
+        self.heartbeat = time.monotonic()
 
     def initialize(self) -> None:
         """Set up before the first loop."""
@@ -60,6 +62,7 @@ class Worker:
         try:
             self.initialize()
             while not self.stop.is_set():
+                self.heartbeat = time.monotonic()
                 try:
                     self.loop()
                 except LedgerError:
@@ -169,6 +172,7 @@ class Settler(Worker):
         self.ledger = ledger
         self.wake = wake
         self.uploads_ready = uploads_ready
+        self.actions_ready = threading.Event()
         self.clock = clock
 
     def loop(self) -> None:
@@ -196,7 +200,13 @@ class Settler(Worker):
             info = os.stat(row.path, follow_symlinks=False)
         except FileNotFoundError:
             self.ledger.mark_gone(row.id)
-            log.info("file gone before upload", path=str(row.path), unique_id=row.unique_id, state="gone")
+            log.info(
+                "file gone before upload",
+                path=str(row.path),
+                unique_id=row.unique_id,
+                state="gone",
+                attempt=row.attempts,
+            )
             return None
         except OSError as error:
             return self.clock() + self.config.watch.settle_seconds + (0 if error.errno else 1)
@@ -238,11 +248,14 @@ class Settler(Worker):
             return
         original = self.ledger.delivered_copy(row, content)
         if original is not None:
-            self.ledger.mark_duplicate(row, content, original)
+            self.ledger.mark_duplicate(row, content, original, action=folder.action)
+            self.actions_ready.set()
             log.info(
                 "already uploaded",
                 path=str(row.path),
                 unique_id=row.unique_id,
+                state=original.state if original.id != row.id else row.prior_state,
+                attempt=row.attempts,
                 video_no=original.video_no,
                 same_as=str(original.path),
             )
@@ -253,6 +266,7 @@ class Settler(Worker):
                 path=str(row.path),
                 unique_id=row.unique_id,
                 state="queued",
+                attempt=row.attempts,
                 codec=media.video_codec,
                 size=row.size,
             )
@@ -273,7 +287,14 @@ class Settler(Worker):
 
     def _reject(self, row: Row, reason: str) -> None:
         self.ledger.mark_rejected(row.id, reason)
-        log.warning("rejected", path=str(row.path), unique_id=row.unique_id, state="rejected", reason=reason)
+        log.warning(
+            "rejected",
+            path=str(row.path),
+            unique_id=row.unique_id,
+            state="rejected",
+            attempt=row.attempts,
+            reason=reason,
+        )
 
 
 class UploadWorker(Worker):
@@ -292,8 +313,10 @@ class UploadWorker(Worker):
         abandon: threading.Event,
         policy: RetryPolicy = FILE_RETRY_POLICY,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(stop)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.name = f"uploader-{number}"
         self.config = config
         self.ledger = ledger
@@ -301,6 +324,7 @@ class UploadWorker(Worker):
         self.limiter = limiter
         self.gate = gate
         self.uploads_ready = uploads_ready
+        self.actions_ready = threading.Event()
         self.abandon = abandon
         self.policy = policy
         self.clock = clock
@@ -357,6 +381,7 @@ class UploadWorker(Worker):
                     progress=ProgressWriter(self.ledger, row.id, self.on_progress),
                 )
                 content_type = probe.content_type_for(row.path) or "video/mp4"
+                upload_started = time.monotonic()
                 outcome = self.client.upload(reader, row.path.name, content_type, upload_fields(folder, row))
         except FileNotFoundError:
             self.ledger.mark_gone(row.id)
@@ -366,10 +391,12 @@ class UploadWorker(Worker):
         except FileChanged as change:
             self.ledger.mark_changed(row.id)
             self.gate.release_probe()
+            self.metrics.retried("changed")
             log.warning("upload abandoned: the file changed; settling again", reason=str(change), **context)
             return
         except Abandoned:
             self.ledger.release(row.id, "upload abandoned at shutdown")
+            self.metrics.retried("abandoned")
             log.warning("upload abandoned at shutdown; it goes first next time", state="queued", **context)
             return
         except (probe.Rejection, OSError) as error:
@@ -379,6 +406,7 @@ class UploadWorker(Worker):
             log.warning("rejected", state="rejected", reason=reason, **context)
             return
         self.record(row, outcome, context)
+        self.metrics.answered(outcome, row.size, time.monotonic() - upload_started)
 
     def reconcile(self, row: Row, context: Mapping[str, object]) -> bool:
         """An earlier attempt sent the whole body but no answer was stored: ask the server before sending again.
@@ -404,7 +432,12 @@ class UploadWorker(Worker):
             self.ledger.mark_answered(row.id)
             log.info("an unanswered upload did not land; sending again", **context)
             return False
-        self.ledger.mark_uploaded(row, found.video_no, "recovered from list_videos after an unanswered upload")
+        folder = self.config.folder_for(row.path)
+        action = folder.action if folder else None
+        self.ledger.mark_uploaded(
+            row, found.video_no, "recovered from list_videos after an unanswered upload", action=action
+        )
+        self.actions_ready.set()
         self.gate.release_probe()
         log.warning("an unanswered upload had landed; not sending it again", video_no=found.video_no, **context)
         return True
@@ -414,7 +447,9 @@ class UploadWorker(Worker):
             self.ledger.mark_answered(row.id)
         if outcome.kind == "uploaded":
             assert outcome.video_no is not None
-            self.ledger.mark_uploaded(row, outcome.video_no)
+            folder = self.config.folder_for(row.path)
+            self.ledger.mark_uploaded(row, outcome.video_no, action=folder.action if folder else None)
+            self.actions_ready.set()
             self.gate.answered()
             log.info("uploaded", state="uploaded", video_no=outcome.video_no, **context)
         elif outcome.kind == "rate_limited":
