@@ -16,7 +16,6 @@ import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-import requests
 import structlog
 
 from .ledger import Ledger, LedgerError
@@ -58,24 +57,9 @@ def record_result(ledger: Ledger, video_no: str, status: str | None, cause: str 
 
 def find_video(client: Client, video_no: str) -> tuple[str | None, str | None] | None:
     """One video's status and cause, from list_videos filtered by its number; None when it is not listed."""
-    if not client.list_limiter.acquire(client.closing):
-        raise ListFailed("shutting down")
-    query = {"page": 1, "size": 1, "video_no": video_no}
-    try:
-        response = client.session.post(client.list_url, json=query, timeout=client.timeout, allow_redirects=False)
-        body = response.json()
-    except requests.RequestException as error:
-        raise ListFailed(f"list_videos failed: {type(error).__name__}") from None
-    except ValueError:
-        raise ListFailed(f"list_videos answered HTTP {response.status_code} without JSON") from None
-    data = body.get("data") if isinstance(body, dict) and body.get("code") == "0000" else None
-    if not isinstance(data, dict):
-        code = body.get("code") if isinstance(body, dict) else None
-        raise ListFailed(f"list_videos answered HTTP {response.status_code}, code {code}")
-    for item in data.get("videos") or []:
-        if isinstance(item, dict) and str(item.get("video_no")) == video_no:
-            status, cause = item.get("status"), item.get("cause")
-            return (str(status) if status else None, str(cause) if cause else None)
+    for video in client.list_videos(unique_id=None, size=1, video_no=video_no):
+        if video.video_no == video_no:
+            return (str(video.status) if video.status else None, str(video.cause) if video.cause else None)
     return None
 
 

@@ -1,6 +1,5 @@
 """The ledger: one SQLite file that is both the upload queue and the record of what reached memories.ai.
 
-Paths are stored as raw bytes (``os.fsencode``), so a file name that is not UTF-8 is kept exactly.
 Every state change is one ``BEGIN IMMEDIATE`` transaction, so two workers never claim the same row and
 ``status`` in another process always sees a consistent ledger.
 """
@@ -14,170 +13,50 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database, Migrations
+from sqlite_utils import Database
 
-PENDING = "pending"
-QUEUED = "queued"
-UPLOADING = "uploading"
-RETRYING = "retrying"
-UPLOADED = "uploaded"
-INDEXED = "indexed"
-INDEX_FAILED = "index_failed"
-REJECTED = "rejected"
-FAILED = "failed"
-GONE = "gone"
-STATES = (PENDING, QUEUED, UPLOADING, RETRYING, UPLOADED, INDEXED, INDEX_FAILED, REJECTED, FAILED, GONE)
-DELIVERED = (UPLOADED, INDEXED, INDEX_FAILED)
-SETTLED = (*DELIVERED, REJECTED, FAILED, GONE)
-BUSY_TIMEOUT_MS = 15_000
+from .schema import (
+    BUSY_TIMEOUT_MS,
+    DELIVERED,
+    FAILED,
+    GONE,
+    INDEX_FAILED,
+    INDEXED,
+    PENDING,
+    QUEUED,
+    REJECTED,
+    RETRYING,
+    STATES,
+    UPLOADED,
+    UPLOADING,
+    LedgerError,
+    Pause,
+    Row,
+    key,
+    migrations,
+)
 
-migrations = Migrations("memories_ingest")
-
-
-@migrations()
-def create_files(db: Database) -> None:
-    db.execute(
-        """
-        CREATE TABLE files (
-            id INTEGER PRIMARY KEY,
-            path BLOB NOT NULL UNIQUE,
-            folder BLOB NOT NULL,
-            unique_id TEXT,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            inode INTEGER NOT NULL,
-            fingerprint TEXT,
-            state TEXT NOT NULL,
-            prior_state TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at REAL,
-            stable_since REAL NOT NULL,
-            video_no TEXT,
-            error TEXT,
-            media TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            uploaded_at REAL
-        )
-        """
-    )
-    db.execute("CREATE INDEX files_state ON files (state, next_attempt_at)")
-    db.execute("CREATE INDEX files_folder ON files (folder)")
-    db.execute("CREATE INDEX files_content ON files (unique_id, fingerprint)")
-    db.execute(
-        """
-        CREATE TABLE uploads (
-            id INTEGER PRIMARY KEY,
-            file_id INTEGER NOT NULL REFERENCES files (id),
-            path BLOB NOT NULL,
-            unique_id TEXT,
-            fingerprint TEXT,
-            size INTEGER NOT NULL,
-            video_no TEXT NOT NULL,
-            uploaded_at REAL NOT NULL
-        )
-        """
-    )
-    db.execute("CREATE INDEX uploads_time ON uploads (uploaded_at)")
-    db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-
-
-@migrations()
-def add_sent_at(db: Database) -> None:
-    """When the last byte of an upload was handed to the socket: until an answer is stored, it is uncertain."""
-    db.execute("ALTER TABLE files ADD COLUMN sent_at REAL")
-
-
-@migrations()
-def add_progress_and_actions(db: Database) -> None:
-    """Upload progress that `status` in another process can read, and after-upload actions still to do."""
-    db.execute("ALTER TABLE files ADD COLUMN bytes_sent INTEGER")
-    db.execute("ALTER TABLE files ADD COLUMN started_at REAL")
-    db.execute("ALTER TABLE files ADD COLUMN action TEXT")
-    db.execute("ALTER TABLE files ADD COLUMN indexed_at REAL")
-
-
-@migrations()
-def add_action_outcome(db: Database) -> None:
-    """Where a moved file went, and why an after-upload action still waits: it is retried, never dropped.
-
-    Indexing results arrive by videoNo, one callback per video, so that lookup gets an index.
-    """
-    db.execute("ALTER TABLE files ADD COLUMN moved_to BLOB")
-    db.execute("ALTER TABLE files ADD COLUMN action_error TEXT")
-    db.execute("ALTER TABLE files ADD COLUMN action_attempts INTEGER NOT NULL DEFAULT 0")
-    db.execute("ALTER TABLE files ADD COLUMN action_at REAL")
-    db.execute("CREATE INDEX files_video_no ON files (video_no)")
-
-
-class LedgerError(Exception):
-    """The ledger cannot be opened or written; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Row:
-    id: int
-    path: Path
-    folder: Path
-    unique_id: str | None
-    size: int
-    mtime_ns: int
-    inode: int
-    fingerprint: str | None
-    state: str
-    prior_state: str | None
-    attempts: int
-    next_attempt_at: float | None
-    stable_since: float
-    video_no: str | None
-    error: str | None
-    media: dict[str, Any] | None
-    created_at: float
-    updated_at: float
-    uploaded_at: float | None
-    sent_at: float | None
-    bytes_sent: int | None
-    started_at: float | None
-    action: str | None
-    indexed_at: float | None
-    moved_to: Path | None
-    action_error: str | None
-    action_attempts: int
-    action_at: float | None
-
-    @classmethod
-    def from_sql(cls, record: sqlite3.Row) -> Row:
-        values = {f.name: record[f.name] for f in fields(cls)}
-        values["path"] = Path(os.fsdecode(values["path"]))
-        values["folder"] = Path(os.fsdecode(values["folder"]))
-        values["media"] = json.loads(values["media"]) if values["media"] else None
-        values["moved_to"] = Path(os.fsdecode(values["moved_to"])) if values["moved_to"] else None
-        return cls(**values)
-
-    def to_json(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["path"] = str(self.path)
-        data["folder"] = str(self.folder)
-        data["moved_to"] = str(self.moved_to) if self.moved_to else None
-        return data
-
-
-@dataclass(frozen=True)
-class Pause:
-    """Why every upload waits, and when the daemon next tries."""
-
-    reason: str
-    since: float
-    until: float
-    kind: str
-
-
-def _key(path: Path | str) -> bytes:
-    return os.fsencode(path)
+__all__ = [
+    "DELIVERED",
+    "FAILED",
+    "GONE",
+    "INDEXED",
+    "INDEX_FAILED",
+    "PENDING",
+    "QUEUED",
+    "REJECTED",
+    "RETRYING",
+    "STATES",
+    "UPLOADED",
+    "UPLOADING",
+    "Ledger",
+    "LedgerError",
+    "Pause",
+    "Row",
+]
 
 
 class Ledger:
@@ -259,7 +138,7 @@ class Ledger:
             return self._conn.execute(sql, tuple(params)).fetchall()
 
     def get(self, path: Path | str) -> Row | None:
-        rows = self._read("SELECT * FROM files WHERE path = ?", [_key(path)])
+        rows = self._read("SELECT * FROM files WHERE path = ?", [key(path)])
         return Row.from_sql(rows[0]) if rows else None
 
     def get_id(self, row_id: int) -> Row:
@@ -274,13 +153,13 @@ class Ledger:
         now = self.clock()
         with self._write() as conn:
             found = conn.execute(
-                "SELECT id, size, mtime_ns, inode, state, prior_state FROM files WHERE path = ?", [_key(path)]
+                "SELECT id, size, mtime_ns, inode, state, prior_state FROM files WHERE path = ?", [key(path)]
             ).fetchone()
             if found is None:
                 conn.execute(
                     "INSERT INTO files (path, folder, unique_id, size, mtime_ns, inode, state, stable_since,"
                     " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_key(path), _key(folder), unique_id, size, mtime_ns, inode, PENDING, now, now, now],
+                    [key(path), key(folder), unique_id, size, mtime_ns, inode, PENDING, now, now, now],
                 )
                 return True
             unchanged = (found["size"], found["mtime_ns"], found["inode"]) == (size, mtime_ns, inode)
@@ -296,13 +175,13 @@ class Ledger:
                 "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, state = ?, prior_state = ?,"
                 " stable_since = ?, unique_id = ?, folder = ?, next_attempt_at = NULL, updated_at = ?"
                 " WHERE id = ?",
-                [size, mtime_ns, inode, PENDING, prior, now, unique_id, _key(folder), now, found["id"]],
+                [size, mtime_ns, inode, PENDING, prior, now, unique_id, key(folder), now, found["id"]],
             )
             return True
 
     def known(self, folder: Path) -> dict[bytes, tuple[int, int, int, str]]:
         """Every row under a folder, keyed by raw path: what a rescan compares the disk with."""
-        rows = self._read("SELECT path, size, mtime_ns, inode, state FROM files WHERE folder = ?", [_key(folder)])
+        rows = self._read("SELECT path, size, mtime_ns, inode, state FROM files WHERE folder = ?", [key(folder)])
         return {r["path"]: (r["size"], r["mtime_ns"], r["inode"], r["state"]) for r in rows}
 
     # -- settling and validation ----------------------------------------------------------------------------
@@ -388,7 +267,7 @@ class Ledger:
 
     def claim(self, folders: Iterable[Path]) -> Row | None:
         """Take the next due row for upload; the row is `uploading` when this returns it."""
-        folder_keys = [_key(f) for f in folders]
+        folder_keys = [key(f) for f in folders]
         if not folder_keys:
             return None
         now = self.clock()
@@ -430,7 +309,7 @@ class Ledger:
             conn.execute(
                 "INSERT INTO uploads (file_id, path, unique_id, fingerprint, size, video_no, uploaded_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [row.id, _key(row.path), row.unique_id, row.fingerprint, row.size, video_no, now],
+                [row.id, key(row.path), row.unique_id, row.fingerprint, row.size, video_no, now],
             )
 
     def mark_started(self, row_id: int) -> None:
@@ -539,7 +418,7 @@ class Ledger:
                 changed += conn.execute(
                     "UPDATE files SET state = ?, prior_state = NULL, attempts = 0, next_attempt_at = ?,"
                     " stable_since = ?, updated_at = ? WHERE path = ? AND state IN (?, ?, ?, ?)",
-                    [PENDING, now, now, now, _key(path), FAILED, REJECTED, RETRYING, GONE],
+                    [PENDING, now, now, now, key(path), FAILED, REJECTED, RETRYING, GONE],
                 ).rowcount
             return changed
 
@@ -562,7 +441,7 @@ class Ledger:
 
     def due_count(self, folders: Iterable[Path]) -> int:
         """Rows in these folders with work to do now: settling, queued, in flight, or a retry that is due."""
-        keys = [_key(f) for f in folders]
+        keys = [key(f) for f in folders]
         return int(
             self._read(
                 f"SELECT COUNT(*) FROM files WHERE folder IN ({','.join('?' * len(keys))})"
@@ -656,7 +535,7 @@ class Ledger:
             conn.execute(
                 "UPDATE files SET action = NULL, action_at = NULL, action_error = NULL, moved_to = ?, updated_at = ?"
                 " WHERE id = ?",
-                [None if moved_to is None else _key(moved_to), now, row_id],
+                [None if moved_to is None else key(moved_to), now, row_id],
             )
 
     def action_failed(self, row_id: int, error: str, retry_at: float) -> None:

@@ -279,11 +279,15 @@ class Client:
         self.closing.set()
         self.session.close()
 
-    def list_videos(self, *, unique_id: str | None, page: int = 1, size: int = 100) -> list[ListedVideo]:
+    def list_videos(
+        self, *, unique_id: str | None, page: int = 1, size: int = 100, video_no: str | None = None
+    ) -> list[ListedVideo]:
         """One page of the account's videos, newest first; raises ListFailed on any unusable answer."""
         query: dict[str, Any] = {"page": page, "size": size}
         if unique_id:
             query["unique_id"] = unique_id
+        if video_no:
+            query["video_no"] = video_no
         if not self.list_limiter.acquire(self.closing):
             raise ListFailed("shutting down")
         try:

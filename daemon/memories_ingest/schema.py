@@ -1,0 +1,173 @@
+"""What the ledger stores: the states a file passes through, the table layout and its migrations, and a row.
+
+Paths are stored as raw bytes (``os.fsencode``), so a file name that is not UTF-8 is kept exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database, Migrations
+
+PENDING = "pending"
+QUEUED = "queued"
+UPLOADING = "uploading"
+RETRYING = "retrying"
+UPLOADED = "uploaded"
+INDEXED = "indexed"
+INDEX_FAILED = "index_failed"
+REJECTED = "rejected"
+FAILED = "failed"
+GONE = "gone"
+STATES = (PENDING, QUEUED, UPLOADING, RETRYING, UPLOADED, INDEXED, INDEX_FAILED, REJECTED, FAILED, GONE)
+DELIVERED = (UPLOADED, INDEXED, INDEX_FAILED)
+BUSY_TIMEOUT_MS = 15_000
+
+migrations = Migrations("memories_ingest")
+
+
+@migrations()
+def create_files(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            path BLOB NOT NULL UNIQUE,
+            folder BLOB NOT NULL,
+            unique_id TEXT,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            fingerprint TEXT,
+            state TEXT NOT NULL,
+            prior_state TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            stable_since REAL NOT NULL,
+            video_no TEXT,
+            error TEXT,
+            media TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            uploaded_at REAL
+        )
+        """
+    )
+    db.execute("CREATE INDEX files_state ON files (state, next_attempt_at)")
+    db.execute("CREATE INDEX files_folder ON files (folder)")
+    db.execute("CREATE INDEX files_content ON files (unique_id, fingerprint)")
+    db.execute(
+        """
+        CREATE TABLE uploads (
+            id INTEGER PRIMARY KEY,
+            file_id INTEGER NOT NULL REFERENCES files (id),
+            path BLOB NOT NULL,
+            unique_id TEXT,
+            fingerprint TEXT,
+            size INTEGER NOT NULL,
+            video_no TEXT NOT NULL,
+            uploaded_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX uploads_time ON uploads (uploaded_at)")
+    db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@migrations()
+def add_sent_at(db: Database) -> None:
+    """When the last byte of an upload was handed to the socket: until an answer is stored, it is uncertain."""
+    db.execute("ALTER TABLE files ADD COLUMN sent_at REAL")
+
+
+@migrations()
+def add_progress_and_actions(db: Database) -> None:
+    """Upload progress that `status` in another process can read, and after-upload actions still to do."""
+    db.execute("ALTER TABLE files ADD COLUMN bytes_sent INTEGER")
+    db.execute("ALTER TABLE files ADD COLUMN started_at REAL")
+    db.execute("ALTER TABLE files ADD COLUMN action TEXT")
+    db.execute("ALTER TABLE files ADD COLUMN indexed_at REAL")
+
+
+@migrations()
+def add_action_outcome(db: Database) -> None:
+    """Where a moved file went, and why an after-upload action still waits: it is retried, never dropped.
+
+    Indexing results arrive by videoNo, one callback per video, so that lookup gets an index.
+    """
+    db.execute("ALTER TABLE files ADD COLUMN moved_to BLOB")
+    db.execute("ALTER TABLE files ADD COLUMN action_error TEXT")
+    db.execute("ALTER TABLE files ADD COLUMN action_attempts INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE files ADD COLUMN action_at REAL")
+    db.execute("CREATE INDEX files_video_no ON files (video_no)")
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or written; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    path: Path
+    folder: Path
+    unique_id: str | None
+    size: int
+    mtime_ns: int
+    inode: int
+    fingerprint: str | None
+    state: str
+    prior_state: str | None
+    attempts: int
+    next_attempt_at: float | None
+    stable_since: float
+    video_no: str | None
+    error: str | None
+    media: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    uploaded_at: float | None
+    sent_at: float | None
+    bytes_sent: int | None
+    started_at: float | None
+    action: str | None
+    indexed_at: float | None
+    moved_to: Path | None
+    action_error: str | None
+    action_attempts: int
+    action_at: float | None
+
+    @classmethod
+    def from_sql(cls, record: sqlite3.Row) -> Row:
+        values = {f.name: record[f.name] for f in fields(cls)}
+        values["path"] = Path(os.fsdecode(values["path"]))
+        values["folder"] = Path(os.fsdecode(values["folder"]))
+        values["media"] = json.loads(values["media"]) if values["media"] else None
+        values["moved_to"] = Path(os.fsdecode(values["moved_to"])) if values["moved_to"] else None
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["path"] = str(self.path)
+        data["folder"] = str(self.folder)
+        data["moved_to"] = str(self.moved_to) if self.moved_to else None
+        return data
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Why every upload waits, and when the daemon next tries."""
+
+    reason: str
+    since: float
+    until: float
+    kind: str
+
+
+def key(path: Path | str) -> bytes:
+    return os.fsencode(path)
