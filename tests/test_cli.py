@@ -196,7 +196,6 @@ def test_status_shows_progress_pause_and_recent_errors(config_file: Path, tmp_pa
     assert row is not None and ledger.mark_queued(row, "fp", {})
     claimed = ledger.claim([folder])
     assert claimed is not None
-    ledger.mark_started(claimed.id)
     ledger.mark_progress(claimed.id, 1 << 20)
     ledger.record_seen(folder / "old.mp4", folder, "cli", 10, 1, 2)
     old = ledger.get(folder / "old.mp4")

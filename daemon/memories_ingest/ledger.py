@@ -258,9 +258,9 @@ class Ledger:
         now = self.clock()
         with self._write() as conn:
             conn.execute(
-                "UPDATE files SET state = ?, prior_state = NULL, error = ?, next_attempt_at = NULL,"
-                " updated_at = ? WHERE id = ?",
-                [state, reason, now, row_id],
+                "UPDATE files SET state = ?, prior_state = NULL, error = ?, next_attempt_at = NULL, updated_at = ?,"
+                " sent_at = CASE WHEN ? THEN NULL ELSE sent_at END WHERE id = ?",
+                [state, reason, now, state == FAILED, row_id],
             )
 
     # -- uploading --------------------------------------------------------------------------------------
@@ -280,8 +280,9 @@ class Ledger:
             if found is None:
                 return None
             conn.execute(
-                "UPDATE files SET state = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",
-                [UPLOADING, now, found["id"]],
+                "UPDATE files SET state = ?, attempts = attempts + 1, bytes_sent = 0, started_at = ?, updated_at = ?"
+                " WHERE id = ?",
+                [UPLOADING, now, now, found["id"]],
             )
         return self.get_id(found["id"])
 
@@ -290,9 +291,9 @@ class Ledger:
         now = self.clock()
         with self._write() as conn:
             claimed = conn.execute(
-                "UPDATE files SET state = ?, attempts = attempts + 1, updated_at = ?"
+                "UPDATE files SET state = ?, attempts = attempts + 1, bytes_sent = 0, started_at = ?, updated_at = ?"
                 " WHERE id = ? AND state IN (?, ?) AND next_attempt_at <= ?",
-                [UPLOADING, now, row_id, QUEUED, RETRYING, now],
+                [UPLOADING, now, now, row_id, QUEUED, RETRYING, now],
             ).rowcount
         return self.get_id(row_id) if claimed else None
 
@@ -311,11 +312,6 @@ class Ledger:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [row.id, key(row.path), row.unique_id, row.fingerprint, row.size, video_no, now],
             )
-
-    def mark_started(self, row_id: int) -> None:
-        now = self.clock()
-        with self._write() as conn:
-            conn.execute("UPDATE files SET bytes_sent = 0, started_at = ? WHERE id = ?", [now, row_id])
 
     def mark_progress(self, row_id: int, bytes_sent: int) -> None:
         """How far the upload in flight is; written about once a second, so `status` can show it."""
@@ -348,12 +344,14 @@ class Ledger:
         with self._write() as conn:
             conn.execute("UPDATE files SET sent_at = NULL WHERE id = ?", [row_id])
 
-    def mark_retry(self, row_id: int, at: float, error: str) -> None:
+    def mark_retry(self, row_id: int, at: float, error: str, *, answered: bool = False) -> None:
+        """Try again at `at`. answered: the API itself refused this attempt, so it cannot have landed."""
         now = self.clock()
         with self._write() as conn:
             conn.execute(
-                "UPDATE files SET state = ?, next_attempt_at = ?, error = ?, updated_at = ? WHERE id = ?",
-                [RETRYING, at, error, now, row_id],
+                "UPDATE files SET state = ?, next_attempt_at = ?, error = ?, updated_at = ?,"
+                " sent_at = CASE WHEN ? THEN NULL ELSE sent_at END WHERE id = ?",
+                [RETRYING, at, error, now, answered, row_id],
             )
 
     def delivered_video_numbers(self) -> set[str]:
@@ -371,14 +369,13 @@ class Ledger:
 
     def mark_failed(self, row_id: int, error: str) -> None:
         self._finish(row_id, FAILED, error)
-        self.mark_answered(row_id)
 
     def release(self, row_id: int, note: str | None = None) -> None:
-        """Back to the queue, not counted as an attempt: the file was not at fault."""
+        """Back to the queue, not counted as an attempt: the file was not at fault, and the attempt never landed."""
         now = self.clock()
         with self._write() as conn:
             conn.execute(
-                "UPDATE files SET state = ?, attempts = MAX(attempts - 1, 0), next_attempt_at = ?,"
+                "UPDATE files SET state = ?, attempts = MAX(attempts - 1, 0), next_attempt_at = ?, sent_at = NULL,"
                 " error = COALESCE(?, error), updated_at = ? WHERE id = ? AND state = ?",
                 [QUEUED, now, note, now, row_id, UPLOADING],
             )

@@ -371,7 +371,6 @@ class UploadWorker(Worker):
                     self.gate.release_probe()
                     return
                 log.info("uploading", state="uploading", size=row.size, **context)
-                self.ledger.mark_started(row.id)
                 reader = SnapshotReader(
                     fd,
                     info,
@@ -443,8 +442,6 @@ class UploadWorker(Worker):
         return True
 
     def record(self, row: Row, outcome: Outcome, context: Mapping[str, object]) -> None:
-        if outcome.kind != "transient":
-            self.ledger.mark_answered(row.id)
         if outcome.kind == "uploaded":
             assert outcome.video_no is not None
             folder = self.config.folder_for(row.path)
@@ -470,7 +467,8 @@ class UploadWorker(Worker):
         else:
             self.gate.release_probe()
             delay = max(self.policy.delay(row.attempts), outcome.retry_after or 0.0)
-            self.ledger.mark_retry(row.id, self.clock() + delay, outcome.message)
+            answered = outcome.kind == "unrecognised"
+            self.ledger.mark_retry(row.id, self.clock() + delay, outcome.message, answered=answered)
             log.warning(
                 "upload failed; will retry",
                 state="retrying",
