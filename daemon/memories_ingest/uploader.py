@@ -182,7 +182,8 @@ class _BlockReader:
         self.len = encoder.len
 
     def read(self, amount: int = -1) -> bytes:
-        return bytes(self.encoder.read(max(amount, READ_BLOCK)))
+        block: bytes = self.encoder.read(max(amount, READ_BLOCK))
+        return block
 
 
 ACCOUNT_PATTERNS = (
