@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -183,3 +184,22 @@ def read_request_head(connection: socket.socket) -> bytes:
             break
         head += chunk
     return head
+
+
+_spawned: list[subprocess.Popen[str]] = []
+
+
+def spawned(process: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    """Remember a daemon a test started, so that a failing test never leaves it running."""
+    _spawned.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _reap_spawned() -> Iterator[None]:
+    yield
+    while _spawned:
+        process = _spawned.pop()
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)

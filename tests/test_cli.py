@@ -18,7 +18,7 @@ from memories_ingest.ledger import FAILED, UPLOADED, Ledger, Pause
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 
-from conftest import API_KEY, wait_until
+from conftest import API_KEY, spawned, wait_until
 
 COMMAND = [sys.executable, "-m", "memories_ingest.cli"]
 
@@ -53,12 +53,14 @@ def cli(*args: str, config: Path | None = None, **kwargs: Any) -> subprocess.Com
 
 
 def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*COMMAND, "run", "-c", str(config), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment(),
+    return spawned(
+        subprocess.Popen(
+            [*COMMAND, "run", "-c", str(config), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(),
+        )
     )
 
 

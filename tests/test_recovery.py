@@ -26,7 +26,7 @@ from memories_ingest.ledger import UPLOADED, UPLOADING, Ledger
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 
-from conftest import API_KEY, wait_until
+from conftest import API_KEY, spawned, wait_until
 
 COMMAND = [sys.executable, "-m", "memories_ingest.cli", "run"]
 
@@ -50,8 +50,10 @@ def write_config(tmp_path: Path, sandbox: Sandbox, **watch: object) -> Path:
 
 def start(config: Path, **popen: object) -> subprocess.Popen[str]:
     env = {**os.environ, "MEMORIES_API_KEY": API_KEY}
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [*COMMAND, "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
+    return spawned(
+        subprocess.Popen(  # type: ignore[call-overload]
+            [*COMMAND, "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
+        )
     )
 
 
