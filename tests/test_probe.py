@@ -3,17 +3,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import av
 import pytest
 
-from memories_ingest import probe
+from memories_ingest import probe, prober
 from memories_ingest.probe import (
     MAX_BYTES,
     MediaInfo,
@@ -28,9 +32,31 @@ from memories_ingest.probe import (
 )
 from memories_ingest.samples import faststart_padding
 
+from conftest import wait_until
+
 MakeVideo = Callable[..., Path]
 NOT_A_CONTAINER = "content is not an MP4/MOV, MKV or AVI container"
 CAMERA_TAGS = {"creation_time": "2024-05-06T07:08:09.000000Z", "make": "Acme", "model": "Cam 1"}
+PYTHON = sys.executable
+# Run in place of the zygote: the real fork server, whose children hang, leaving a `sleep` in their
+# group, on a file whose name has "hang" in it, and probe any other file for real.
+HANGING_ZYGOTE = """
+import os, subprocess, sys, time
+from memories_ingest import probe, prober
+
+probe_for_real = probe._probe_in_child
+
+
+def hang_on_request(fd, *, require_audio):
+    if "hang" in os.readlink(f"/proc/self/fd/{fd}"):
+        subprocess.Popen(["sleep", "60"])
+        time.sleep(60)
+    return probe_for_real(fd, require_audio=require_audio)
+
+
+probe._probe_in_child = hang_on_request
+sys.exit(prober.main(sys.argv[3:]))
+"""
 
 
 @pytest.fixture
@@ -277,13 +303,15 @@ def test_check_header_reads_without_moving_the_offset(make_video: MakeVideo, ope
     assert os.lseek(fd, 0, os.SEEK_CUR) == 5
 
 
+@pytest.mark.usefixtures("hanging_zygote")
 def test_a_probe_over_its_timeout_is_rejected_and_the_daemon_lives_on(
     make_video: MakeVideo, open_fd: Callable[[Path], int]
 ) -> None:
     fd = open_fd(make_video())
+    assert probe_fd(fd).video_codec == "h264"
 
     with pytest.raises(Rejection, match=r"^probe timed out after 0\.05 s$"):
-        probe_fd(fd, timeout=0.05)
+        probe_fd(open_fd(make_video("hang.mp4")), timeout=0.05)
 
     assert probe_fd(fd).video_codec == "h264"
 
@@ -295,8 +323,39 @@ def test_a_memory_limit_too_small_for_ffmpeg_is_a_rejection(
         probe_fd(open_fd(make_video()), memory_bytes=32 << 20)
 
 
+@pytest.fixture
+def own_prober(monkeypatch: pytest.MonkeyPatch) -> Iterator[prober.Prober]:
+    """A zygote for this test alone, started from whatever sys.executable the test sets up.
+
+    The shared zygote is stopped first, so every zygote alive during the test is this test's.
+    """
+    prober.close()
+    own = prober.Prober()
+    monkeypatch.setattr(prober, "_shared", own)
+    yield own
+    own.close()
+
+
+@pytest.fixture
+def hanging_zygote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_prober: prober.Prober) -> None:
+    script = tmp_path / "hanging_zygote.py"
+    script.write_text(HANGING_ZYGOTE)
+    stand_in_for_the_zygote(tmp_path, monkeypatch, f'exec {PYTHON} {script} "$@"')
+
+
+def stand_in_for_the_zygote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """Run a shell script instead of the zygote; any other Python command runs as usual."""
+    executable = tmp_path / "python-for-the-zygote"
+    executable.write_text(f'#!/bin/sh\nif [ "$2" = memories_ingest.prober ]; then\n{script}\nfi\nexec {PYTHON} "$@"\n')
+    executable.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(executable))
+
+
 def fake_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
-    """Stand a shell script in for the Python child, to act out what a hostile file could do to it."""
+    """Stand a shell script in for the Python child, to act out what a hostile file could do to it.
+
+    The script fails as the test's zygote too, and so also plays the child the probe then falls back to.
+    """
     executable = tmp_path / "fake-python"
     executable.write_text("#!/bin/sh\n" + script)
     executable.chmod(0o755)
@@ -311,6 +370,7 @@ def is_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.usefixtures("own_prober")
 def test_timeout_kills_the_whole_process_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_video: MakeVideo, open_fd: Callable[[Path], int]
 ) -> None:
@@ -338,6 +398,7 @@ def test_timeout_kills_the_whole_process_group(
         ("echo not json\n", "the probe failed (exit status 0): no error output"),
     ],
 )
+@pytest.mark.usefixtures("own_prober")
 def test_a_dead_or_garbled_child_is_a_rejection(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -352,6 +413,241 @@ def test_a_dead_or_garbled_child_is_a_rejection(
         probe_fd(open_fd(make_video()))
 
     assert str(caught.value) == reason
+
+
+def process_status(pid: int) -> tuple[str, int, int] | None:
+    """State, parent and session of ``pid``; None once it is gone and reaped."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def children_of(parent: int) -> list[int]:
+    """The live children of ``parent``."""
+    children = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        status = process_status(int(name))
+        if status is not None and status[1] == parent and is_running(int(name)):
+            children.append(int(name))
+    return children
+
+
+def zygotes_of(daemon: int) -> list[int]:
+    return [pid for pid in children_of(daemon) if b"memories_ingest.prober" in command_line(pid)]
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def zygotes() -> list[int]:
+    return zygotes_of(os.getpid())
+
+
+def hanging_child(zygote: int) -> tuple[int, int]:
+    """The zygote's one child, once it hangs, and the `sleep` it started."""
+    [child] = wait_until(lambda: children_of(zygote), what="the zygote's child")
+    [sleeper] = wait_until(lambda: children_of(child), what="the child's sleep")
+    return child, sleeper
+
+
+def in_background(call: Callable[[], MediaInfo]) -> Callable[[], MediaInfo | Exception]:
+    """Start ``call`` in a thread; the function returned waits for it, and gives its result or exception."""
+    outcome: list[MediaInfo | Exception] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def result() -> MediaInfo | Exception:
+        thread.join(60)
+        return outcome[0]
+
+    return result
+
+
+@pytest.mark.usefixtures("own_prober")
+def test_one_zygote_serves_every_probe(make_video: MakeVideo, open_fd: Callable[[Path], int]) -> None:
+    zygotes_seen = []
+    for width in (64, 96, 128):
+        info = probe_fd(open_fd(make_video(f"{width}.mp4", size=(width, 48))))
+        assert (info.width, info.height) == (width, 48)
+        zygotes_seen.append(zygotes())
+
+    [zygote] = zygotes_seen[0]
+    assert zygotes_seen == [[zygote]] * 3
+    # Forking is safe only from a single thread; and a session of its own keeps a terminal's signals off it.
+    assert re.search(r"^Threads:\s+1$", Path(f"/proc/{zygote}/status").read_text(), re.MULTILINE)
+    assert process_status(zygote)[1:] == (os.getpid(), zygote)
+    assert os.readlink(f"/proc/{zygote}/cwd") == "/"
+
+
+@pytest.mark.usefixtures("hanging_zygote")
+def test_each_child_has_its_own_session_and_limits_and_only_its_file_open(
+    make_video: MakeVideo, open_fd: Callable[[Path], int]
+) -> None:
+    hang = make_video("hang.mp4")
+    result = in_background(lambda: probe_fd(open_fd(hang), cpu_seconds=7, memory_bytes=512 << 20))
+    [zygote] = wait_until(zygotes, what="the zygote")
+    child, _ = hanging_child(zygote)
+
+    table = Path(f"/proc/{child}/limits").read_text().splitlines()
+    limits = {line[:26].strip(): line[26:].split()[:2] for line in table}
+    assert limits["Max cpu time"] == ["7", "8"]
+    assert limits["Max address space"] == [str(512 << 20)] * 2
+    assert limits["Max core file size"] == ["0", "0"]
+    assert limits["Max file size"] == ["0", "0"]
+    assert process_status(child)[1:] == (zygote, child)
+    assert sorted(os.listdir(f"/proc/{child}/fd")) == ["0", "1", "2", "3"]
+    assert os.readlink(f"/proc/{child}/fd/3") == str(hang)
+
+    os.kill(child, signal.SIGKILL)
+    assert str(result()) == "the file crashed the probe (signal 9, SIGKILL)"
+
+
+@pytest.mark.usefixtures("hanging_zygote")
+def test_a_timed_out_probe_kills_its_child_and_group_and_nothing_else(
+    make_video: MakeVideo, open_fd: Callable[[Path], int]
+) -> None:
+    assert probe_fd(open_fd(make_video())).video_codec == "h264"
+    [zygote] = zygotes()
+    hang = open_fd(make_video("hang.mp4"))
+    result = in_background(lambda: probe_fd(hang, timeout=1))
+    child, sleeper = hanging_child(zygote)
+
+    assert str(result()) == "probe timed out after 1 s"
+    assert process_status(child) is None
+    wait_until(lambda: not is_running(sleeper), what="the child's sleep to die")
+    assert zygotes() == [zygote]
+    assert probe_fd(open_fd(make_video("next.mp4"))).video_codec == "h264"
+
+
+@pytest.mark.usefixtures("hanging_zygote")
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [
+        (signal.SIGSEGV, "the file crashed the probe (signal 11, SIGSEGV)"),
+        (signal.SIGXCPU, "probing needed more than 60 s of CPU time"),
+    ],
+)
+def test_a_crashed_child_is_a_rejection_and_other_probes_go_on(
+    make_video: MakeVideo, open_fd: Callable[[Path], int], sent: signal.Signals, reason: str
+) -> None:
+    hang = open_fd(make_video("hang.mp4"))
+    result = in_background(lambda: probe_fd(hang))
+    [zygote] = wait_until(zygotes, what="the zygote")
+    child, sleeper = hanging_child(zygote)
+
+    assert probe_fd(open_fd(make_video("meanwhile.mp4"))).video_codec == "h264"
+    os.kill(child, sent)
+
+    assert str(result()) == reason
+    wait_until(lambda: not is_running(sleeper), what="the child's sleep to die")
+    assert zygotes() == [zygote]
+    assert probe_fd(open_fd(make_video("next.mp4"))).video_codec == "h264"
+
+
+@pytest.mark.usefixtures("own_prober")
+def test_a_killed_zygote_is_reaped_and_replaced(make_video: MakeVideo, open_fd: Callable[[Path], int]) -> None:
+    fd = open_fd(make_video())
+    probe_fd(fd)
+    [first] = zygotes()
+
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not is_running(first), what="the zygote to die")
+
+    assert probe_fd(fd).video_codec == "h264"
+    [second] = zygotes()
+    assert second != first
+    assert process_status(first) is None
+
+
+@pytest.mark.usefixtures("hanging_zygote")
+def test_zygotes_killed_mid_probe_leave_no_orphans_and_a_new_interpreter_probes(
+    make_video: MakeVideo, open_fd: Callable[[Path], int]
+) -> None:
+    hang = open_fd(make_video("hang.mp4", size=(96, 64)))
+    result = in_background(lambda: probe_fd(hang))
+    orphans: list[int] = []
+    killed: list[int] = []
+    # The zygote, then the one started in its place: after that, the probe falls back to a new interpreter.
+    for _ in range(2):
+        [zygote] = wait_until(lambda: [pid for pid in zygotes() if pid not in killed], what="a zygote")
+        orphans += hanging_child(zygote)
+        os.kill(zygote, signal.SIGKILL)
+        killed.append(zygote)
+
+    info = result()
+    assert isinstance(info, MediaInfo)
+    assert (info.video_codec, info.width) == ("h264", 96)
+    wait_until(lambda: not any(map(is_running, orphans)), what="the orphaned children to die")
+    assert [process_status(pid) for pid in killed] == [None, None]
+
+
+@pytest.mark.usefixtures("own_prober")
+def test_without_a_zygote_a_new_interpreter_probes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_video: MakeVideo
+) -> None:
+    stand_in_for_the_zygote(tmp_path, monkeypatch, "exit 1")
+
+    info = probe_path(make_video(size=(96, 64)))
+
+    assert (info.video_codec, info.width) == ("h264", 96)
+    assert zygotes() == []
+
+
+@pytest.mark.usefixtures("hanging_zygote")
+def test_close_leaves_no_process_behind(
+    own_prober: prober.Prober, make_video: MakeVideo, open_fd: Callable[[Path], int]
+) -> None:
+    probe_fd(open_fd(make_video()))
+    with pytest.raises(Rejection):
+        probe_fd(open_fd(make_video("hang.mp4")), timeout=0.5)
+    [zygote] = zygotes()
+
+    own_prober.close()
+
+    assert process_status(zygote) is None
+    assert zygotes() == []
+
+
+@pytest.mark.usefixtures("hanging_zygote")
+def test_when_the_daemon_dies_its_zygote_and_children_end(make_video: MakeVideo) -> None:
+    daemon_code = "import os, sys; sys.executable = sys.argv[1]; from memories_ingest import probe; "
+    daemon_code += "probe.probe_fd(os.open(sys.argv[2], os.O_RDONLY))"
+    command = [PYTHON, "-c", daemon_code, sys.executable, str(make_video("hang.mp4"))]
+
+    with subprocess.Popen(command) as daemon:
+        [zygote] = wait_until(lambda: zygotes_of(daemon.pid), what="the daemon's zygote")
+        child, sleeper = hanging_child(zygote)
+        daemon.kill()
+
+    wait_until(lambda: not any(map(is_running, (zygote, child, sleeper))), what="the zygote and its children to end")
+
+
+@pytest.mark.usefixtures("own_prober")
+def test_probes_from_four_threads_each_get_their_own_answer(make_video: MakeVideo) -> None:
+    widths = {make_video(f"{width}.mp4", size=(width, 48)): width for width in range(32, 160, 16)}
+
+    def probe_each(first: int) -> dict[Path, int]:
+        paths = list(widths)[first:] + list(widths)[:first]
+        return {path: probe_path(path).width for path in paths}
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(probe_each, range(4)))
+
+    assert answers == [widths] * 4
+    assert len(zygotes()) == 1
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
 """Decide whether a file is a video memories.ai will accept, before a byte is uploaded.
 
 Cheap checks (name, size, magic bytes) run in the daemon. Everything that needs FFmpeg
-runs in a short-lived child (``python -m memories_ingest.probe --fd N``) with CPU, memory
-and wall-clock limits, because FFmpeg parses untrusted files and a hostile or broken one
-must cost a rejection, never the daemon.
+runs in a short-lived child with CPU, memory and wall-clock limits, because FFmpeg parses
+untrusted files and a hostile or broken one must cost a rejection, never the daemon. The
+child is forked by the fork server in :mod:`memories_ingest.prober`, which has FFmpeg loaded
+already; when that server cannot be had, it is a new interpreter
+(``python -m memories_ingest.probe --fd N``).
 
 The child reopens the file through ``/proc/self/fd/N``: it reads through its own file
 description, so the caller's file offset is never moved (Linux only, like the daemon).
@@ -248,6 +250,22 @@ def probe_fd(
     acceptable, including when it hangs, crashes or exhausts the child.
     """
     _require_regular_file(os.fstat(fd).st_mode)
+    # Imported on first use, because the fork server imports this module.
+    from . import prober
+
+    try:
+        return prober.probe_fd(
+            fd, require_audio=require_audio, timeout=timeout, cpu_seconds=cpu_seconds, memory_bytes=memory_bytes
+        )
+    except prober.ProberUnavailable:
+        return _probe_in_new_interpreter(
+            fd, require_audio=require_audio, timeout=timeout, cpu_seconds=cpu_seconds, memory_bytes=memory_bytes
+        )
+
+
+def _probe_in_new_interpreter(
+    fd: int, *, require_audio: bool, timeout: float, cpu_seconds: int, memory_bytes: int
+) -> MediaInfo:
     command = [sys.executable, "-m", "memories_ingest.probe", "--fd", str(fd)]
     command += ["--cpu-seconds", str(cpu_seconds), "--memory-bytes", str(memory_bytes)]
     if require_audio:
@@ -267,11 +285,11 @@ def probe_fd(
             stdout, stderr = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_process_group(child)
-            raise Rejection(f"probe timed out after {timeout:g} s") from None
+            raise timed_out(timeout) from None
         except BaseException:
             _kill_process_group(child)
             raise
-    return _read_answer(child.returncode, stdout, stderr, cpu_seconds)
+    return read_answer(child.returncode, stdout, stderr, cpu_seconds)
 
 
 def iter_top_level_boxes(fd: int, size: int) -> Iterator[Box]:
@@ -329,7 +347,12 @@ def _kill_process_group(child: subprocess.Popen[bytes]) -> None:
     child.communicate()
 
 
-def _read_answer(returncode: int, stdout: bytes, stderr: bytes, cpu_seconds: int) -> MediaInfo:
+def timed_out(timeout: float) -> Rejection:
+    return Rejection(f"probe timed out after {timeout:g} s")
+
+
+def read_answer(returncode: int, stdout: bytes, stderr: bytes, cpu_seconds: int) -> MediaInfo:
+    """The child's verdict, from how it ended and what it wrote; raises :class:`Rejection` for all but success."""
     lines = stdout.decode("utf-8", "replace").strip().splitlines()
     answer: object = None
     if returncode == 0 and lines:
@@ -365,17 +388,26 @@ def _child_main(argv: list[str]) -> int:
     parser.add_argument("--memory-bytes", type=int, default=1 << 30)
     parser.add_argument("--require-audio", action="store_true")
     arguments = parser.parse_args(argv)
+    answer_on_stdout(
+        arguments.fd,
+        require_audio=arguments.require_audio,
+        cpu_seconds=arguments.cpu_seconds,
+        memory_bytes=arguments.memory_bytes,
+    )
+    return 0
 
-    _limit_resources(arguments.cpu_seconds, arguments.memory_bytes)
+
+def answer_on_stdout(fd: int, *, require_audio: bool, cpu_seconds: int, memory_bytes: int) -> None:
+    """Take the child's resource limits, probe ``fd`` and write the one-line answer that :func:`read_answer` reads."""
+    _limit_resources(cpu_seconds, memory_bytes)
     answer: dict[str, Any]
     try:
-        answer = {"ok": _probe_in_child(arguments.fd, require_audio=arguments.require_audio).to_json()}
+        answer = {"ok": _probe_in_child(fd, require_audio=require_audio).to_json()}
     except Rejection as rejection:
         answer = {"rejected": str(rejection)}
     except MemoryError:
-        answer = {"rejected": f"probing needed more than {arguments.memory_bytes / _MIB:g} MiB of memory"}
+        answer = {"rejected": f"probing needed more than {memory_bytes / _MIB:g} MiB of memory"}
     sys.stdout.write(json.dumps(answer) + "\n")
-    return 0
 
 
 def _limit_resources(cpu_seconds: int, memory_bytes: int) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import structlog
 
+from . import prober
 from .config import Config, ConfigError
 from .finisher import Finisher
 from .indexer import ACCEPT_WAIT_SECONDS, MAX_PAGES, CallbackListener, Indexer
@@ -296,4 +297,5 @@ class Daemon:
             thread.join(timeout=2)
         if self.monitor is not None:
             self.monitor.stop()
+        prober.close()
         log.info("stopped")

@@ -241,6 +241,9 @@ class Settler(Worker):
             self.ledger.mark_gone(row.id)
             return
         except probe.Rejection as rejection:
+            if self.stop.is_set():
+                # A shutdown signal may have reached the probe too: check the file again next time.
+                return
             self._reject(row, str(rejection))
             return
         except OSError as error:
