@@ -368,7 +368,7 @@ def test_a_symlinked_directory_is_not_followed(harness: Callable[..., Harness], 
     assert run.recorded_paths() == {control}
 
     folder = run.config.folders[0]
-    assert [path for path, _ in walk(folder)] == [control]
+    assert [Path(path) for path, _ in walk(folder)] == [control]
     assert run.recorder.scan(folder, run.folder / "late") == 0
     assert run.recorded_paths() == {control}
 
@@ -403,7 +403,7 @@ def test_follow_symlinks_walks_each_linked_directory_once(tmp_path: Path) -> Non
             {"watch": {"follow_symlinks": follow}, "folders": [{"path": str(root), "recursive": True}]},
             tmp_path / "c.yaml",
         )
-        return sorted(path.name for path, _ in walk(config.folders[0], follow_symlinks=follow))
+        return sorted(Path(path).name for path, _ in walk(config.folders[0], follow_symlinks=follow))
 
     assert names(follow=False) == ["a.mp4"]
     assert names(follow=True) == ["a.mp4", "b.mp4"]

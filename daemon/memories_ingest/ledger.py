@@ -510,17 +510,17 @@ class Ledger:
     def due_action(self) -> Row | None:
         """The delivered row whose delete or move is due first; a row without a videoNo never has one."""
         found = self._read(
-            "SELECT * FROM files WHERE action IS NOT NULL AND video_no IS NOT NULL"
-            f" AND state IN ({','.join('?' * len(DELIVERED))}) AND COALESCE(action_at, 0) <= ?"
+            "SELECT * FROM files INDEXED BY files_action WHERE action IS NOT NULL AND action_at <= ?"
+            f" AND video_no IS NOT NULL AND state IN ({','.join('?' * len(DELIVERED))})"
             " ORDER BY action_at, id LIMIT 1",
-            [*DELIVERED, self.clock()],
+            [self.clock(), *DELIVERED],
         )
         return Row.from_sql(found[0]) if found else None
 
     def next_action_at(self) -> float | None:
         found = self._read(
-            "SELECT MIN(action_at) FROM files WHERE action IS NOT NULL AND video_no IS NOT NULL"
-            f" AND state IN ({','.join('?' * len(DELIVERED))})",
+            "SELECT MIN(action_at) FROM files INDEXED BY files_action WHERE action IS NOT NULL"
+            f" AND video_no IS NOT NULL AND state IN ({','.join('?' * len(DELIVERED))})",
             DELIVERED,
         )[0][0]
         return None if found is None else float(found)

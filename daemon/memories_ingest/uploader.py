@@ -90,7 +90,7 @@ class RateLimiter:
     MARGIN = 0.008
 
     def __init__(self, rate_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = 1.0 / rate_per_second + self.MARGIN
+        self.interval = (1.0 + self.MARGIN) / rate_per_second
         self.clock = clock
         self._next = 0.0
         self._lock = threading.Lock()

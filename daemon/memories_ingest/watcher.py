@@ -58,10 +58,12 @@ NETWORK_FILESYSTEMS = frozenset({
 # fmt: on
 
 
+_IGNORED = re.compile("|".join(fnmatch.translate(pattern) for pattern in IGNORED_PATTERNS))
+
+
 def is_ignored_name(name: str) -> bool:
     """Hidden files and the names that downloaders, editors and copy tools give unfinished files."""
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in IGNORED_PATTERNS)
+    return _IGNORED.match(name.lower()) is not None
 
 
 def symlink_between(top: Path, path: Path) -> bool:
@@ -76,7 +78,7 @@ def symlink_between(top: Path, path: Path) -> bool:
 
 def walk(
     folder: Folder, root: Path | None = None, *, follow_symlinks: bool = False
-) -> Iterator[tuple[Path, os.stat_result]]:
+) -> Iterator[tuple[str, os.stat_result]]:
     """Every regular file under root (the whole folder by default), without opening a file.
 
     A symlinked file is never followed. A symlinked directory is followed only with follow_symlinks, and each
@@ -109,7 +111,7 @@ def walk(
             except OSError:
                 continue
             if stat.S_ISREG(info.st_mode) and not entry.is_symlink():
-                yield Path(entry.path), info
+                yield entry.path, info
             elif stat.S_ISDIR(info.st_mode) and folder.recursive and (info.st_dev, info.st_ino) not in visited:
                 visited.add((info.st_dev, info.st_ino))
                 pending.append(entry.path)
@@ -211,11 +213,10 @@ class Recorder:
         known = self.ledger.known(folder.path)
         changed = 0
         for path, info in walk(folder, root, follow_symlinks=self.config.watch.follow_symlinks):
-            key = os.fsencode(path)
-            found = known.pop(key, None)
+            found = known.pop(os.fsencode(path), None)
             if found is not None and found[:3] == (info.st_size, info.st_mtime_ns, info.st_ino) and found[3] != GONE:
                 continue
-            if self.record(path, info, folder):
+            if self.record(Path(path), info, folder):
                 changed += 1
         if root in (None, folder.path) and folder.path.is_dir():
             self._forget_missing(known)
