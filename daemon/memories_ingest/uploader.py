@@ -87,7 +87,7 @@ class RateLimiter:
     never does.
     """
 
-    MARGIN = 0.008
+    MARGIN = 0.015
 
     def __init__(self, rate_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = (1.0 + self.MARGIN) / rate_per_second
