@@ -57,6 +57,15 @@ def queue(ledger: Ledger, name: str, fingerprint: str = "fp") -> None:
     assert ledger.mark_queued(row, fingerprint, {"video_codec": "h264"})
 
 
+def deliver(ledger: Ledger, name: str, fingerprint: str, video_no: str = "VI1") -> None:
+    """Take a file through queue and claim to `uploaded`, as the upload worker does."""
+    seen(ledger, name)
+    queue(ledger, name, fingerprint)
+    row = ledger.claim([FOLDER])
+    assert row is not None
+    ledger.mark_uploaded(row, video_no)
+
+
 def test_wal_mode_and_full_sync(ledger: Ledger) -> None:
     assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger.db.execute("PRAGMA synchronous").fetchone()[0] == 2
@@ -119,11 +128,7 @@ def test_interrupted_uploads_go_back_to_the_queue(ledger: Ledger) -> None:
 
 
 def test_an_uploaded_file_touched_but_unchanged_keeps_its_video(ledger: Ledger) -> None:
-    seen(ledger, "a.mp4")
-    queue(ledger, "a.mp4", "same")
-    row = ledger.claim([FOLDER])
-    assert row is not None
-    ledger.mark_uploaded(row, "VI1")
+    deliver(ledger, "a.mp4", "same")
     assert seen(ledger, "a.mp4", mtime_ns=2)
     touched = ledger.get(FOLDER / "a.mp4")
     assert touched is not None and touched.state == PENDING and touched.prior_state == UPLOADED
@@ -135,11 +140,7 @@ def test_an_uploaded_file_touched_but_unchanged_keeps_its_video(ledger: Ledger) 
 
 
 def test_new_content_at_an_uploaded_path_is_a_new_video(ledger: Ledger) -> None:
-    seen(ledger, "a.mp4")
-    queue(ledger, "a.mp4", "old")
-    row = ledger.claim([FOLDER])
-    assert row is not None
-    ledger.mark_uploaded(row, "VI1")
+    deliver(ledger, "a.mp4", "old")
     seen(ledger, "a.mp4", size=200, mtime_ns=2)
     changed = ledger.get(FOLDER / "a.mp4")
     assert changed is not None
@@ -152,11 +153,7 @@ def test_new_content_at_an_uploaded_path_is_a_new_video(ledger: Ledger) -> None:
 
 
 def test_a_copy_of_delivered_content_in_the_same_scope_is_not_sent_again(ledger: Ledger) -> None:
-    seen(ledger, "a.mp4")
-    queue(ledger, "a.mp4", "fp")
-    row = ledger.claim([FOLDER])
-    assert row is not None
-    ledger.mark_uploaded(row, "VI1")
+    deliver(ledger, "a.mp4", "fp")
     seen(ledger, "copy.mp4", inode=8)
     copy = ledger.get(FOLDER / "copy.mp4")
     assert copy is not None

@@ -124,17 +124,12 @@ def test_an_upload_the_server_took_but_never_answered_is_not_sent_again(tmp_path
     assert row.error is not None and "recovered from list_videos" in row.error
 
 
-def test_a_lost_answer_while_running_is_reconciled_too(tmp_path: Path, sandbox: Sandbox) -> None:
+@pytest.mark.parametrize("landed", [True, False], ids=["landed-so-reconciled", "lost-so-sent-again"])
+def test_an_answer_lost_while_running_ends_in_exactly_one_upload(
+    tmp_path: Path, sandbox: Sandbox, landed: bool
+) -> None:
     config = write_config(tmp_path, sandbox)
-    sandbox.inject("slow", seconds=5, accept=True)
-    write_video(tmp_path / "watched" / "a.mp4")
-    finish(config, tmp_path, ["a.mp4"])
-    assert len(sandbox.received()) == 1
-
-
-def test_an_unanswered_upload_that_did_not_land_is_sent_again(tmp_path: Path, sandbox: Sandbox) -> None:
-    config = write_config(tmp_path, sandbox)
-    sandbox.inject("slow", seconds=5, accept=False)
+    sandbox.inject("slow", seconds=5, accept=landed)
     write_video(tmp_path / "watched" / "a.mp4")
     finish(config, tmp_path, ["a.mp4"])
     assert len(sandbox.received()) == 1

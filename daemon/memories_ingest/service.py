@@ -65,11 +65,14 @@ class Daemon:
         self.abandon = threading.Event()
         self.wake = threading.Event()
         self.uploads_ready = threading.Event()
+        self.actions_ready = threading.Event()
         self.gate = Gate(ledger, config.upload.account_check_seconds, rate_limit_policy, clock)
         self.recorder = Recorder(config, ledger, self.wake)
         self.watcher = None if once else Watcher(config, self.recorder, lambda path: self.scanner.request(path))
         self.scanner = Scanner(self.stop, config, self.recorder, self.watcher)
-        self.settler = Settler(self.stop, config, ledger, self.wake, self.uploads_ready, clock)
+        self.settler = Settler(
+            self.stop, config, ledger, self.wake, self.uploads_ready, clock, actions_ready=self.actions_ready
+        )
         limiter = RateLimiter(config.upload.rate_per_second)
         self.metrics = Metrics()
         self.uploaders = [
@@ -86,13 +89,10 @@ class Daemon:
                 policy,
                 clock,
                 metrics=self.metrics,
+                actions_ready=self.actions_ready,
             )
             for n in range(1, config.upload.workers + 1)
         ]
-        self.actions_ready = threading.Event()
-        self.settler.actions_ready = self.actions_ready
-        for uploader in self.uploaders:
-            uploader.actions_ready = self.actions_ready
         self.finisher = Finisher(self.stop, config, ledger, self.actions_ready, clock=clock)
         poll_seconds = config.indexing.poll_seconds
         self.indexer = Indexer(self.stop, ledger, client, poll_seconds) if poll_seconds else None

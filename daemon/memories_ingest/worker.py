@@ -166,13 +166,15 @@ class Settler(Worker):
         wake: threading.Event,
         uploads_ready: threading.Event,
         clock: Callable[[], float] = time.time,
+        *,
+        actions_ready: threading.Event | None = None,
     ) -> None:
         super().__init__(stop)
         self.config = config
         self.ledger = ledger
         self.wake = wake
         self.uploads_ready = uploads_ready
-        self.actions_ready = threading.Event()
+        self.actions_ready = actions_ready or threading.Event()
         self.clock = clock
 
     def loop(self) -> None:
@@ -317,6 +319,7 @@ class UploadWorker(Worker):
         policy: RetryPolicy = FILE_RETRY_POLICY,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        actions_ready: threading.Event | None = None,
     ) -> None:
         super().__init__(stop)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -327,7 +330,7 @@ class UploadWorker(Worker):
         self.limiter = limiter
         self.gate = gate
         self.uploads_ready = uploads_ready
-        self.actions_ready = threading.Event()
+        self.actions_ready = actions_ready or threading.Event()
         self.abandon = abandon
         self.policy = policy
         self.clock = clock
