@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
+from memories_ingest.api import V1
 from memories_ingest.config import Config, parse
 from memories_ingest.ledger import Ledger, Row
+from memories_ingest.pacing import RetryPolicy
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 from memories_ingest.service import Daemon
-from memories_ingest.uploader import Client, RetryPolicy
+from memories_ingest.uploader import Client
 
 
 @pytest.fixture
@@ -39,9 +41,13 @@ FAST_RETRIES = RetryPolicy(base=0.1, factor=2.0, cap=0.5, jitter=0.1)
 
 
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    """The API emulator on a free loopback port; fast enough for tests, as strict as the real API."""
-    with Sandbox(api_key=API_KEY, rate_per_second=20, parse_seconds=0.2) as server:
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """The API emulator on a free loopback port; fast enough for tests, as strict as the real API.
+
+    It speaks v1.2 unless a test asks for a dialect: ``@pytest.mark.parametrize("sandbox", DIALECTS, indirect=True)``.
+    """
+    dialect = getattr(request, "param", V1)
+    with Sandbox(api_key=API_KEY, dialect=dialect, rate_per_second=20, parse_seconds=0.2) as server:
         yield server
 
 
@@ -78,7 +84,6 @@ class Pipeline:
             once=once,
             grace_seconds=2,
             policy=FAST_RETRIES,
-            rate_limit_policy=FAST_RETRIES,
         )
         daemon = self.daemon
 

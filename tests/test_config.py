@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from memories_ingest.config import ConfigError, MissingApiKey, load, parse, read_api_key
 
@@ -166,10 +168,14 @@ def test_check_command_exits_non_zero_with_every_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"{path}: folders[0].latitude: 'north' is not a decimal number" in result.stderr
     assert f"{path}: folders[0].bogus: unknown key" in result.stderr
+    example = yaml.safe_load((ROOT / "config.example.yaml").read_text())
+    example["ledger"] = str(tmp_path / "state" / "ledger.db")
+    copy = write(tmp_path, yaml.safe_dump(example))
     ok = subprocess.run(
-        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(ROOT / "config.example.yaml")],
+        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(copy)],
         capture_output=True,
         text=True,
+        env={**os.environ, "MEMORIES_API_KEY": "sk-example"},
     )
     assert ok.returncode == 0, ok.stderr
 

@@ -22,7 +22,9 @@ from memories_ingest.ledger import (
     UPLOADING,
     Ledger,
     LedgerError,
+    LedgerLocationError,
     Pause,
+    location_problem,
 )
 
 
@@ -256,12 +258,18 @@ def test_another_process_reads_while_this_one_writes(ledger: Ledger) -> None:
     assert int(result.stdout) > 0
 
 
-def test_a_missing_ledger_directory_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(LedgerError, match="does not exist"):
-        Ledger(tmp_path / "missing" / "ledger.db")
+def test_a_ledger_is_made_only_where_it_can_be_and_only_when_asked(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="there is no ledger"):
+        Ledger(tmp_path / "missing" / "ledger.db", create=False)
+    assert not (tmp_path / "missing").exists()
+    Ledger(tmp_path / "missing" / "ledger.db").close()
+    assert (tmp_path / "missing" / "ledger.db").is_file()
     (tmp_path / "file").write_text("")
-    with pytest.raises(LedgerError, match="does not exist"):
+    with pytest.raises(LedgerLocationError, match="is not a directory"):
         Ledger(tmp_path / "file" / "ledger.db")
+    assert location_problem(tmp_path / "file" / "ledger.db") is not None
+    assert location_problem(Path("/proc/ledger.db")) is not None
+    assert location_problem(tmp_path / "new" / "ledger.db") is None
 
 
 def test_integrity_after_heavy_use(ledger: Ledger) -> None:

@@ -18,12 +18,13 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from memories_ingest import service
+from memories_ingest.api import Outcome
 from memories_ingest.ledger import Ledger
 from memories_ingest.monitor import LedgerCheck, Metrics, Notifier, notify, status_line
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 from memories_ingest.service import Daemon
-from memories_ingest.uploader import Outcome, SnapshotReader
+from memories_ingest.uploader import SnapshotReader
 
 from conftest import Pipeline, wait_until
 
@@ -258,7 +259,9 @@ def test_an_upload_is_alive_while_bytes_move_and_stalled_when_they_stop(
     moving = threading.Event()
     release = threading.Event()
 
-    def hanging_upload(reader: SnapshotReader, filename: str, content_type: str, fields: Any) -> Outcome:
+    def hanging_upload(
+        reader: SnapshotReader, filename: str, content_type: str, fields: Any, **options: Any
+    ) -> Outcome:
         while not release.wait(0.05):
             if moving.is_set() and reader.progress is not None:
                 reader.progress(reader.position)
@@ -316,6 +319,15 @@ def test_metrics_count_files_bytes_durations_retries_and_the_pause(
     assert samples[("memories_ingest_upload_retries_total", (("reason", "account"),))] == 0
     assert samples[("memories_ingest_paused", (("reason", "account"),))] == 0
     assert samples[("memories_ingest_oldest_queued_seconds", ())] == 0
+    assert samples[("memories_ingest_upload_pace_per_second", ())] == 20
+
+    sandbox.inject("rate_limit")
+    limited = write_video(built.tmp_path / "watched" / "shed.mp4", seconds=1.5)
+    built.wait_state(limited, "uploaded")
+    samples = scrape(f"{url}/metrics")
+    assert samples[("memories_ingest_upload_pace_per_second", ())] == 10
+    page = get(f"{url}/").text
+    assert "Upload pace: 10 uploads/s" in page and "learned from the API&#x27;s 0429 answers" in page
 
     sandbox.set_account("insufficient_balance")
     waiting = write_video(built.tmp_path / "watched" / "porch.mp4", seconds=2)
@@ -323,7 +335,7 @@ def test_metrics_count_files_bytes_durations_retries_and_the_pause(
     built.wait_state(waiting, "queued")
     samples = scrape(f"{url}/metrics")
     assert samples[("memories_ingest_paused", (("reason", "account"),))] == 1
-    assert samples[("memories_ingest_paused", (("reason", "rate_limit"),))] == 0
+    assert samples[("memories_ingest_paused", (("reason", "indexing_window"),))] == 0
     assert samples[("memories_ingest_upload_retries_total", (("reason", "account"),))] >= 1
     # Between two probes of the account the file is queued; during one it is uploading.
     waiting_files = sum(samples[("memories_ingest_files", (("state", state),))] for state in ("queued", "uploading"))

@@ -194,14 +194,42 @@ def test_a_full_disk_stops_the_daemon_with_one_clear_error(tmp_path: Path, sandb
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-@pytest.mark.parametrize("ledger", ["/proc/memories-ingest/ledger.db", "/proc/ledger.db", "missing/ledger.db"])
-def test_an_unusable_ledger_location_is_one_clear_error(tmp_path: Path, sandbox: Sandbox, ledger: str) -> None:
+@pytest.mark.parametrize("ledger", ["/proc/memories-ingest/ledger.db", "/proc/ledger.db", "a-file/ledger.db"])
+def test_a_ledger_that_cannot_be_made_there_is_a_config_error_named_once(
+    tmp_path: Path, sandbox: Sandbox, ledger: str
+) -> None:
     config = write_config(tmp_path, sandbox)
+    (tmp_path / "a-file").write_text("not a directory")
     document = yaml.safe_load(config.read_text())
     document["ledger"] = ledger
     config.write_text(yaml.safe_dump(document))
     daemon = start(config)
     _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 78
+    (line,) = [line for line in stderr.strip().splitlines() if "ledger" in line]
+    assert "ledger: " in line and "Traceback" not in stderr
+
+
+def test_a_ledger_that_is_not_a_database_is_one_clear_error(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = write_config(tmp_path, sandbox)
+    (tmp_path / "ledger.db").write_bytes(b"this is not SQLite" * 100)
+    daemon = start(config)
+    _, stderr = daemon.communicate(timeout=30)
     assert daemon.returncode == 69
     (line,) = stderr.strip().splitlines()
     assert "ledger" in line and "Traceback" not in stderr
+
+
+def test_a_missing_ledger_directory_is_made(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = write_config(tmp_path, sandbox)
+    document = yaml.safe_load(config.read_text())
+    document["ledger"] = "state/deeper/ledger.db"
+    config.write_text(yaml.safe_dump(document))
+    write_video(tmp_path / "watched" / "a.mp4")
+    daemon = start(config)
+    try:
+        wait_until(lambda: len(sandbox.received()) == 1, 30, "the upload")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=30)
+    assert (tmp_path / "state" / "deeper").stat().st_mode & 0o777 == 0o700

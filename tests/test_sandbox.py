@@ -158,8 +158,9 @@ def test_rejects_invalid_fields(sandbox: Sandbox, video: Path, fields: Fields, r
     response = upload_video(sandbox, video, fields)
 
     assert response.status_code == 200
-    assert response.json()["code"] == "0400"
+    assert response.json()["code"] == "0003"
     assert reason in response.json()["msg"]
+    assert response.json()["msg"].startswith("One or more parameters are incorrect")
     assert sandbox.received() == []
 
 
@@ -187,7 +188,7 @@ def test_rejects_invalid_file_parts(
 
     response = upload(sandbox, [(part_name, path, filename, content_type)])
 
-    assert response.json()["code"] == "0400"
+    assert response.json()["code"] == "0003"
     assert reason in response.json()["msg"]
 
 
@@ -196,23 +197,27 @@ def test_requires_exactly_one_file_part(sandbox: Sandbox, video: Path) -> None:
     as_plain_field = upload(sandbox, fields=[("file", "not a file")])
     twice = upload(sandbox, [("file", video, "a.mp4", "video/mp4"), ("file", video, "b.mp4", "video/mp4")])
 
-    assert missing.json()["msg"] == "file is required"
+    assert missing.json()["msg"].endswith(": file is required")
     assert "file must be sent as a file part" in as_plain_field.json()["msg"]
-    assert twice.json()["msg"] == "exactly one file part is allowed"
+    assert twice.json()["msg"].endswith(": exactly one file part is allowed")
     assert sandbox.received() == []
 
 
 def test_rejects_a_body_that_is_not_multipart(sandbox: Sandbox) -> None:
     response = requests.post(sandbox.url + UPLOAD_PATH, json={"file": "x"}, headers={"Authorization": API_KEY})
 
-    assert response.json() == {"code": "0400", "msg": "the request must be multipart/form-data", "data": None}
+    assert response.json() == {
+        "code": "0003",
+        "msg": "One or more parameters are incorrect: the request must be multipart/form-data",
+        "data": None,
+    }
 
 
 def test_rejects_a_file_over_the_size_limit(video: Path) -> None:
     with Sandbox(api_key=API_KEY, max_file_bytes=1000) as small:
         response = upload_video(small, video)
 
-    assert response.json()["code"] == "0400"
+    assert response.json()["code"] == "0003"
     assert "file must be at most 1000 bytes" in response.json()["msg"]
 
 
@@ -220,15 +225,15 @@ def test_rejects_a_file_over_the_size_limit(video: Path) -> None:
 def test_rejects_a_missing_or_wrong_key(sandbox: Sandbox, video: Path, api_key: str | None) -> None:
     response = upload_video(sandbox, video, api_key=api_key)
 
-    assert response.status_code == 401
+    assert response.status_code == 200
     assert response.json()["code"] == "0401"
-    assert response.json()["msg"] == "Invalid API key"
+    assert response.json()["msg"] == "Authorization is invalid or incorrect."
 
 
 def test_without_a_configured_key_any_non_empty_key_is_accepted(video: Path) -> None:
     with Sandbox(rate_per_second=100) as open_sandbox:
         assert upload_video(open_sandbox, video, api_key="anything").json()["code"] == "0000"
-        assert upload_video(open_sandbox, video, api_key=None).status_code == 401
+        assert upload_video(open_sandbox, video, api_key=None).json()["code"] == "0401"
 
 
 def test_rate_limit_counts_every_arrival_in_a_sliding_second(video: Path) -> None:
@@ -274,7 +279,7 @@ def test_server_error_fault_answers_json_or_html(sandbox: Sandbox, video: Path) 
     as_json = upload_video(sandbox, video)
     as_html = upload_video(sandbox, video)
 
-    assert (as_json.status_code, as_json.json()["code"]) == (500, "9999")
+    assert (as_json.status_code, as_json.json()["code"]) == (500, "S500")
     assert as_html.status_code == 502
     assert as_html.headers["Content-Type"].startswith("text/html")
     assert "502 Bad Gateway" in as_html.text
@@ -310,7 +315,7 @@ def test_slow_fault_can_accept_an_upload_whose_answer_the_client_never_sees(sand
 
     [received] = sandbox.received()
     listed = list_videos(sandbox, unique_id="uncertain")["data"]["videos"]
-    assert [(entry["video_name"], entry["size"]) for entry in listed] == [(video.name, str(received.size))]
+    assert [(entry["video_name"], entry["size"]) for entry in listed] == [(received.video_name, str(received.size))]
 
 
 def test_slow_answer_after_the_stall_is_a_gateway_timeout(sandbox: Sandbox, video: Path) -> None:
@@ -320,7 +325,7 @@ def test_slow_answer_after_the_stall_is_a_gateway_timeout(sandbox: Sandbox, vide
     response = upload_video(sandbox, video)
 
     assert time.monotonic() - started >= 0.3
-    assert (response.status_code, response.json()["code"]) == (504, "9999")
+    assert (response.status_code, response.json()["code"]) == (504, "S500")
 
 
 def test_requests_are_served_concurrently(sandbox: Sandbox, video: Path) -> None:
@@ -359,15 +364,17 @@ def test_stop_is_prompt_while_a_request_stalls(video: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("state", "http_status", "code", "msg"),
+    ("state", "code", "msg"),
     [
-        ("insufficient_balance", 200, "0402", "Insufficient balance, please recharge"),
-        ("indexing_cap", 200, "0409", "The number of videos being indexed has reached the limit"),
-        ("bad_key", 401, "0401", "Invalid API key"),
+        ("insufficient_balance", "0402", "You don't have enough points."),
+        ("disabled", "0403", "Developer account has been disabled."),
+        ("permission_denied", "9009", "Permission denied."),
+        ("bad_key", "0401", "Authorization is invalid or incorrect."),
+        ("indexing_cap", "S001", "The number of videos being indexed has reached the limit"),
     ],
 )
 def test_account_states_persist_until_reset_and_faults_fire_once(
-    sandbox: Sandbox, video: Path, state: str, http_status: int, code: str, msg: str
+    sandbox: Sandbox, video: Path, state: str, code: str, msg: str
 ) -> None:
     sandbox.set_account(state)
     persistent = [upload_video(sandbox, video) for _ in range(2)]
@@ -377,18 +384,57 @@ def test_account_states_persist_until_reset_and_faults_fire_once(
     after = upload_video(sandbox, video)
 
     for response in [*persistent, one_shot]:
-        assert response.status_code == http_status
+        assert response.status_code == 200
         assert (response.json()["code"], response.json()["msg"]) == (code, msg)
     assert after.json()["code"] == "0000"
     assert len(sandbox.received()) == 1
+
+
+def test_the_newer_dialect_answers_with_integer_codes_equal_to_the_http_status(video: Path) -> None:
+    with Sandbox(api_key=API_KEY, dialect="v2", rate_per_second=1000) as newer:
+        accepted = upload_video(newer, video)
+        newer.set_account("insufficient_balance")
+        refused = upload_video(newer, video)
+        newer.set_account("ok")
+        listed = list_videos(newer)
+
+    assert (accepted.status_code, accepted.json()["code"]) == (200, 200)
+    assert refused.status_code == 402
+    assert refused.json() == {"code": 402, "msg": "You don't have enough points.", "data": None}
+    assert listed["code"] == 200 and len(listed["data"]["videos"]) == 1
+
+
+def test_a_duplicate_refusal_can_come_after_the_video_was_stored(sandbox: Sandbox, video: Path) -> None:
+    sandbox.inject("answer", name="duplicate", landed=True)
+    response = upload_video(sandbox, video, [("unique_id", "dup")])
+
+    assert response.json()["code"] == "0409"
+    assert response.json()["msg"] == "Duplicate requests are not allowed"
+    assert len(list_videos(sandbox, unique_id="dup")["data"]["videos"]) == 1
+
+
+def test_a_trickle_reads_the_body_slowly_and_then_accepts_it(sandbox: Sandbox, tmp_path: Path) -> None:
+    path = tmp_path / "slow.mp4"
+    path.write_bytes(os.urandom(200 * 1024))
+    sandbox.inject("trickle", bytes_per_second=400 * 1024)
+    started = time.monotonic()
+    assert upload_video(sandbox, path).json()["code"] == "0000"
+    assert time.monotonic() - started >= 0.45
+    assert sandbox.received()[0].size == 200 * 1024
+
+
+def test_an_account_may_allow_far_fewer_uploads_than_one_a_second(video: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=1 / 60) as slow:
+        codes = [upload_video(slow, video).json()["code"] for _ in range(3)]
+    assert codes == ["0000", "0429", "0429"]
 
 
 def test_invalid_field_fault_uses_the_given_message(sandbox: Sandbox, video: Path) -> None:
     sandbox.inject("invalid_field", msg="tags must be strings")
 
     assert upload_video(sandbox, video).json() == {
-        "code": "0400",
-        "msg": "tags must be strings",
+        "code": "0003",
+        "msg": "One or more parameters are incorrect: tags must be strings",
         "data": None,
     }
 
@@ -413,26 +459,48 @@ def test_rejects_unknown_faults_params_and_account_states(sandbox: Sandbox) -> N
 
 def test_list_filters_pages_and_orders_newest_first(sandbox: Sandbox, tmp_path: Path) -> None:
     uploaded = []
-    for index, unique_id in enumerate(["cam-1", "cam-2", "cam-1"]):
+    for index, unique_id in enumerate(["cam-1", None, "cam-1"]):
         path = tmp_path / f"clip{index}.mp4"
         path.write_bytes(b"v" * (index + 1))
-        uploaded.append(upload_video(sandbox, path, [("unique_id", unique_id)]).json()["data"]["videoNo"])
+        fields = [("unique_id", unique_id)] if unique_id else []
+        uploaded.append(upload_video(sandbox, path, fields).json()["data"]["videoNo"])
 
-    everything = list_videos(sandbox)["data"]
     by_unique_id = list_videos(sandbox, unique_id="cam-1")["data"]
+    default_scope = list_videos(sandbox)["data"]
     by_video_no = list_videos(sandbox, video_no=uploaded[1])["data"]
-    second_page = list_videos(sandbox, page=2, size=1)["data"]
+    by_video_nos = list_videos(sandbox, unique_id="cam-1", video_nos=[uploaded[0], uploaded[1]])["data"]
+    second_page = list_videos(sandbox, unique_id="cam-1", page=2, size=1)["data"]
 
-    assert [entry["video_no"] for entry in everything["videos"]] == uploaded[::-1]
-    assert everything["total_count"] == "3"
     assert [entry["video_no"] for entry in by_unique_id["videos"]] == [uploaded[2], uploaded[0]]
-    [entry] = by_video_no["videos"]
-    assert entry["video_name"] == "clip1.mp4"
-    assert (entry["size"], entry["duration"], entry["unique_id"], entry["cause"]) == ("2", "0", "cam-2", None)
+    assert by_unique_id["total_count"] == "2"
+    [entry] = default_scope["videos"]
+    assert entry["video_no"] == uploaded[1] and entry["unique_id"] == "default"
+    assert [entry["video_no"] for entry in by_video_no["videos"]] == [uploaded[1]]
+    assert [entry["video_no"] for entry in by_video_nos["videos"]] == [uploaded[0]]
+    assert re.fullmatch(r"[0-9a-f]{32}", entry["video_name"]), "the server names videos itself"
+    assert (entry["size"], entry["duration"], entry["cause"]) == ("2", "0", "null")
     assert entry["status"] in {"UNPARSE", "PARSE"}
     assert abs(int(entry["create_time"]) - time.time() * 1000) < 10_000
-    assert (second_page["current_page"], second_page["total_count"]) == (2, "3")
-    assert [entry["video_no"] for entry in second_page["videos"]] == [uploaded[1]]
+    assert (second_page["current_page"], second_page["total_count"]) == (2, "2")
+    assert [entry["video_no"] for entry in second_page["videos"]] == [uploaded[0]]
+
+
+def test_tags_are_listed_and_filter_once_a_video_is_parsed(sandbox: Sandbox, video: Path) -> None:
+    video_no = upload_video(sandbox, video, [("unique_id", "t"), ("tags", "mine")]).json()["data"]["videoNo"]
+    [unparsed] = list_videos(sandbox, unique_id="t")["data"]["videos"]
+    assert "tags" not in unparsed or unparsed["status"] != "UNPARSE"
+    wait_for(lambda: sandbox.video_status(video_no) == "PARSE")
+    [parsed] = list_videos(sandbox, unique_id="t")["data"]["videos"]
+    assert parsed["tags"] == ["mine", "api"]
+    assert [v["video_no"] for v in list_videos(sandbox, unique_id="t", tag="mine")["data"]["videos"]] == [video_no]
+    assert list_videos(sandbox, unique_id="t", tag="other")["data"]["videos"] == []
+
+
+def test_names_can_be_the_file_stem(video: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=1000, video_names="stem") as stems:
+        assert upload_video(stems, video).json()["data"]["videoName"] == "clip"
+        [entry] = list_videos(stems)["data"]["videos"]
+    assert entry["video_name"] == "clip"
 
 
 def test_videos_move_to_parse_after_parse_seconds(sandbox: Sandbox, video: Path) -> None:
@@ -449,9 +517,9 @@ def test_fail_next_parse_marks_only_the_next_upload_failed(sandbox: Sandbox, vid
     failing = upload_video(sandbox, video).json()["data"]["videoNo"]
     healthy = upload_video(sandbox, video).json()["data"]["videoNo"]
 
-    wait_for(lambda: sandbox.video_status(failing) == "FAILED" and sandbox.video_status(healthy) == "PARSE")
+    wait_for(lambda: sandbox.video_status(failing) == "PARSE_ERROR" and sandbox.video_status(healthy) == "PARSE")
     [entry] = list_videos(sandbox, video_no=failing)["data"]["videos"]
-    assert (entry["status"], entry["cause"]) == ("FAILED", "unsupported codec")
+    assert (entry["status"], entry["cause"]) == ("PARSE_ERROR", "unsupported codec")
     assert sandbox.video_status("VI000000000000000000") is None
 
 
@@ -468,8 +536,11 @@ def test_list_checks_the_key_the_rate_and_the_body(video: Path) -> None:
         not_json = requests.post(sandbox.url + LIST_PATH, data=b"{", headers={"Authorization": API_KEY})
         bad_page = list_videos(sandbox, page=0)
 
-    assert not_json.json()["code"] == "0400"
-    assert (bad_page["code"], bad_page["msg"]) == ("0400", "page and size must be positive integers")
+    assert not_json.json()["code"] == "0003"
+    assert (bad_page["code"], bad_page["msg"]) == (
+        "0003",
+        "One or more parameters are incorrect: page and size must be positive integers",
+    )
 
 
 @pytest.fixture
@@ -509,7 +580,7 @@ def test_unknown_paths_and_wrong_methods(sandbox: Sandbox) -> None:
     missing = requests.post(sandbox.url + "/serve/api/v1/nothing", headers={"Authorization": API_KEY})
     wrong_method = requests.get(sandbox.url + UPLOAD_PATH, headers={"Authorization": API_KEY})
 
-    assert (missing.status_code, missing.json()["code"]) == (404, "0404")
+    assert (missing.status_code, missing.json()["code"]) == (404, "S404")
     assert (wrong_method.status_code, wrong_method.headers["Allow"]) == (405, "POST")
 
 

@@ -21,16 +21,42 @@ from typing import Any, TextIO
 import structlog
 
 from . import __version__, probe
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, Folder, MissingApiKey, load, parse, read_api_key
+from .api import DEFAULT_SCOPE, DIALECTS
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    Folder,
+    MissingApiKey,
+    ledger_path,
+    load,
+    parse,
+    read_api_key,
+)
 from .indexer import ListenFailed
-from .ledger import DELIVERED, FAILED, GONE, PENDING, REJECTED, RETRYING, STATES, UPLOADED, Ledger, LedgerError, Row
-from .service import EXIT_PAUSED, Daemon
-from .uploader import Client, Gate, RateLimiter
+from .ledger import (
+    DELIVERED,
+    FAILED,
+    GONE,
+    PENDING,
+    REJECTED,
+    RETRYING,
+    STATES,
+    UPLOADED,
+    Ledger,
+    LedgerError,
+    LedgerHeld,
+    LedgerLocationError,
+    LedgerLock,
+    Row,
+    location_problem,
+)
+from .monitor import Metrics
+from .pacing import Access, Gate, Pace, Pacer
+from .service import Daemon, Exit, Signals
+from .uploader import Client, ListFailed
 from .watcher import Recorder
 from .worker import Settler, UploadWorker
-
-EXIT_CONFIG = 78
-EXIT_UNAVAILABLE = 69
 
 
 def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) -> None:
@@ -57,22 +83,57 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
     )
 
 
+def _report(problems: Sequence[str]) -> None:
+    print(f"the config has {len(problems)} problem(s):", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def _load_config(path: str) -> Config:
     try:
         return load(path)
     except ConfigError as error:
-        print(f"the config has {len(error.problems)} problem(s):", file=sys.stderr)
-        for problem in error.problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+        _report(error.problems)
+        raise SystemExit(Exit.CONFIG) from None
 
 
-def _open_ledger(config: Config) -> Ledger:
+def _preflight(config: Config) -> str:
+    """What `run` needs beyond a valid config: a place for the ledger and a usable key. Returns the key.
+
+    Every problem is reported together, as `check` reports them, and the process exits 78.
+    """
+    problems = []
+    location = location_problem(config.ledger)
+    if location is not None:
+        problems.append(f"{config.source}: ledger: {location}")
+    key = ""
     try:
-        return Ledger(config.ledger)
+        key = read_api_key(config.api)
+    except MissingApiKey as error:
+        problems.append(f"{config.source}: api: {error}")
+    if problems:
+        _report(problems)
+        raise SystemExit(Exit.CONFIG)
+    return key
+
+
+def _ledger_path(config_path: str) -> Path:
+    try:
+        return ledger_path(config_path)
+    except ConfigError as error:
+        _report(error.problems)
+        raise SystemExit(Exit.CONFIG) from None
+
+
+def _open_ledger(path: Path, *, create: bool = False) -> Ledger:
+    try:
+        return Ledger(path, create=create)
+    except LedgerLocationError as error:
+        print(f"memories-ingest: {error}", file=sys.stderr)
+        raise SystemExit(Exit.CONFIG) from None
     except LedgerError as error:
         print(f"memories-ingest: {error}", file=sys.stderr)
-        raise SystemExit(EXIT_UNAVAILABLE) from None
+        raise SystemExit(Exit.UNAVAILABLE) from None
 
 
 def _when(timestamp: float | None) -> str:
@@ -81,11 +142,30 @@ def _when(timestamp: float | None) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
+    key = _preflight(config)
     print(f"{config.source}: OK, {len(config.folders)} folder(s)")
     for folder in config.folders:
         missing = "" if folder.path.is_dir() else "  (does not exist yet: it is watched once it appears)"
         print(f"  {folder.path} -> unique_id={folder.unique_id or '-'} tags={list(folder.tags)}{missing}")
-    return 0
+    if not args.online:
+        return Exit.OK
+    return _check_online(config, key)
+
+
+def _check_online(config: Config, key: str) -> int:
+    """One read-only call with the key (list_videos, one video of the first folder's scope); never an upload."""
+    scope = config.folders[0].unique_id
+    client = _client(config, key)
+    try:
+        client.list_videos(unique_id=scope, size=1)
+    except ListFailed as error:
+        refused = error.outcome is not None and error.outcome.kind == "account"
+        print(f"{config.api.base_url}: {error}", file=sys.stderr)
+        return Exit.KEY_REFUSED if refused else Exit.UNAVAILABLE
+    finally:
+        client.close()
+    print(f"{config.api.base_url}: the key works (list_videos answered for scope {scope or DEFAULT_SCOPE})")
+    return Exit.OK
 
 
 def _client(config: Config, key: str) -> Client:
@@ -101,42 +181,65 @@ def _client(config: Config, key: str) -> Client:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     log = structlog.get_logger()
-    daemon: Daemon | None = None
+    signals = Signals()
 
     def on_stop(signum: int, frame: object) -> None:
-        if daemon is not None:
-            daemon.request_stop()
+        signals.stops += 1
 
     def on_reload(signum: int, frame: object) -> None:
-        if daemon is not None:
-            daemon.request_reload()
+        signals.reloads += 1
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
-    while True:
-        try:
-            key = read_api_key(config.api)
-        except MissingApiKey as error:
-            print(f"memories-ingest: {error}", file=sys.stderr)
-            return EXIT_CONFIG
-        ledger = _open_ledger(config)
-        client = _client(config, key)
-        try:
-            daemon = Daemon(config, ledger, client, once=args.once, loader=lambda: load(args.config))
-            code = daemon.run()
-        except ListenFailed as error:
-            log.error("cannot listen for indexing callbacks", error=str(error))
-            return EXIT_CONFIG
-        except LedgerError as error:
-            log.error("stopping: the ledger cannot be written", error=str(error))
-            return EXIT_UNAVAILABLE
-        finally:
-            client.close()
-            ledger.close()
-        if daemon.reloaded is None:
-            return code
-        config = daemon.reloaded
+    held: LedgerLock | None = None
+    try:
+        while True:
+            key = _preflight(config)
+            if held is None or held.path != LedgerLock(config.ledger).path:
+                try:
+                    held = _hold(config, held)
+                except LedgerHeld as error:
+                    print(f"memories-ingest: {error}", file=sys.stderr)
+                    return Exit.LEDGER_HELD
+            code, reloaded = _run_daemon(config, key, args, signals, log)
+            if reloaded is None:
+                return code
+            config = reloaded
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _hold(config: Config, held: LedgerLock | None) -> LedgerLock:
+    """Hold the config's ledger (and let go of the one held before, after a reload moved it)."""
+    config.ledger.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = LedgerLock(config.ledger)
+    lock.acquire()
+    if held is not None:
+        held.release()
+    return lock
+
+
+def _run_daemon(
+    config: Config, key: str, args: argparse.Namespace, signals: Signals, log: Any
+) -> tuple[int, Config | None]:
+    """One daemon's life: its exit code, and the config to start the next with after a reload."""
+    ledger = _open_ledger(config.ledger, create=True)
+    client = _client(config, key)
+    try:
+        daemon = Daemon(config, ledger, client, once=args.once, loader=lambda: load(args.config), signals=signals)
+        code = daemon.run()
+    except ListenFailed as error:
+        log.error("cannot listen for indexing callbacks", error=str(error))
+        return Exit.CONFIG, None
+    except LedgerError as error:
+        log.error("stopping: the ledger cannot be written", error=str(error))
+        return Exit.UNAVAILABLE, None
+    finally:
+        client.close()
+        ledger.close()
+    return code, daemon.reloaded
 
 
 def _size(count: float) -> str:
@@ -174,6 +277,9 @@ def render_status(document: dict[str, Any]) -> str:
         lines.append(
             f"paused: {paused['reason']} since {_clock(paused['since'])}, next check {_clock(paused['until'])}"
         )
+    pace = Pace.stored(document["pace"])
+    if pace is not None:
+        lines.append(f"pace: {pace.describe()}")
     retry = document["next_retry"]
     if retry:
         lines.append(f"next retry: {retry['path']} at {_clock(retry['at'])} ({retry['error']})")
@@ -186,7 +292,7 @@ def render_status(document: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    ledger = _open_ledger(_load_config(args.config))
+    ledger = _open_ledger(_ledger_path(args.config))
     try:
         if args.json:
             print(json.dumps(ledger.status(), indent=2))
@@ -220,7 +326,7 @@ def _row_json(row: Row) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    ledger = _open_ledger(_load_config(args.config))
+    ledger = _open_ledger(_ledger_path(args.config))
     rows = ledger.rows(args.state)
     ledger.close()
     if args.json:
@@ -235,8 +341,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     if not args.all_failed and not args.paths:
         print("memories-ingest retry: name files, or use --all-failed", file=sys.stderr)
-        return 2
-    ledger = _open_ledger(_load_config(args.config))
+        return Exit.USAGE
+    ledger = _open_ledger(_ledger_path(args.config))
     paths = None if args.all_failed else [Path(p).absolute() for p in args.paths]
     changed = ledger.retry(paths)
     ledger.close()
@@ -276,22 +382,28 @@ def cmd_upload(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     if args.unique_id == "":
         print("memories-ingest upload: --unique-id must not be empty", file=sys.stderr)
-        return 2
-    try:
-        key = read_api_key(config.api)
-    except MissingApiKey as error:
-        print(f"memories-ingest: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.USAGE
+    key = _preflight(config)
     paths = [Path(p).absolute() for p in args.files]
     folders = {path.parent: _upload_folder(config, path, args.unique_id, args.tag) for path in paths}
     config = dataclasses.replace(config, folders=(*folders.values(), *config.folders))
-    ledger = _open_ledger(config)
+    ledger = _open_ledger(config.ledger, create=True)
     client = _client(config, key)
     stop = _stop_on_signals()
-    gate = Gate(ledger, config.upload.account_check_seconds)
+    gate = Gate(ledger, account_check_seconds=config.upload.account_check_seconds, key_id=client.key_id)
     settler = Settler(stop, config, ledger, threading.Event(), threading.Event())
     uploader = UploadWorker(
-        stop, 1, config, ledger, client, RateLimiter(config.upload.rate_per_second), gate, threading.Event(), stop
+        stop=stop,
+        number=1,
+        config=config,
+        ledger=ledger,
+        client=client,
+        pacer=Pacer(ledger, config.upload.rate_per_second),
+        gate=gate,
+        uploads_ready=threading.Event(),
+        actions_ready=threading.Event(),
+        abandon=stop,
+        metrics=Metrics(),
     )
     recorder = Recorder(config, ledger, threading.Event())
     problems = 0
@@ -302,12 +414,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
             problems += not outcome.startswith(("uploaded", "already uploaded"))
             if stop.is_set():
                 break
+        pause = gate.pause
     finally:
         client.close()
         ledger.close()
-    pause = gate.pause
     if pause is not None and pause.kind == "account":
-        return EXIT_PAUSED
+        return Exit.PAUSED
     return 1 if problems else 0
 
 
@@ -354,13 +466,17 @@ def _upload_one(
         wait = (row.next_attempt_at or 0) - time.time()
         if row.state == RETRYING and wait > 0:
             print(f"retrying {path} in {wait:.0f} s: {row.error}", file=sys.stderr)
-        if (wait > 0 and stop.wait(min(wait, 5.0))) or not gate.wait_open(stop):
+        if wait > 0 and stop.wait(min(wait, 5.0)):
+            break
+        access = gate.wait_open(stop)
+        if access is Access.STOPPED:
             break
         claimed = ledger.claim_row(row.id)
+        outcome = None if claimed is None else uploader.attempt(claimed)
+        uploader.settle_gate(outcome, trial=access is Access.TRIAL)
         if claimed is None:
             stop.wait(0.5)
             continue
-        uploader.upload(claimed)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
     return f"interrupted {path}: it stays in the ledger, and the daemon or a new `upload` finishes it"
@@ -384,7 +500,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from .sandbox import serve
 
-    serve(args.host, args.port, args.api_key)
+    serve(args.host, args.port, args.api_key, dialect=args.dialect, rate_per_second=args.upload_rate)
     return 0
 
 
@@ -448,6 +564,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rate(text: str) -> float:
+    from .sandbox import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memories-ingest", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -485,7 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--tag", action="append", default=[], help="a tag to add; repeat for more")
     upload.set_defaults(handler=cmd_upload)
 
-    check = commands.add_parser("check", parents=[common], help="validate the config and exit")
+    check = commands.add_parser(
+        "check", parents=[common], help="validate the config, the ledger's place and the key, then exit"
+    )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask the API, read-only, whether the key works (one list_videos call; never an upload)",
+    )
     check.set_defaults(handler=cmd_check)
 
     probing = commands.add_parser("probe", parents=[common], help="what validation says about one file")
@@ -497,6 +629,19 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)
     sandbox.add_argument("--api-key", default=None, help="the key it accepts (default: any non-empty key)")
+    sandbox.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default=DIALECTS[0],
+        help="v1.2: string codes on HTTP 200 (the default); v2: the newer API's integer codes equal to the HTTP status",
+    )
+    sandbox.add_argument(
+        "--upload-rate",
+        type=_rate,
+        default=1.0,
+        metavar="RATE",
+        help="the account's upload limit, e.g. 1/s (the default), 1/60s or 2/min",
+    )
     sandbox.set_defaults(handler=cmd_sandbox)
 
     demo = commands.add_parser("demo", parents=[common], help="upload a sample video to a local sandbox")

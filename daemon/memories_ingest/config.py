@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -14,11 +14,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from .api import MAX_CALLBACK, MAX_CAMERA_MODEL, MAX_TAGS
+
 DEFAULT_CONFIG_PATH = "/etc/memories-ingest/config.yaml"
 DEFAULT_BASE_URL = "https://api.memories.ai"
-MAX_TAGS = 20
-MAX_CAMERA_MODEL = 200
-MAX_CALLBACK = 299
 
 
 class ConfigError(Exception):
@@ -161,10 +160,21 @@ def _address(value: Any) -> str | None:
 Address = Annotated[str | None, BeforeValidator(_address)]
 
 
+# The daemon appends "/" and a secret token of this many characters to indexing.public_url.
+CALLBACK_TOKEN_CHARS = 32
+
+
 class IndexingSection(_Strict):
     listen: Address = None
-    public_url: str | None = Field(None, max_length=MAX_CALLBACK)
+    public_url: str | None = Field(None, max_length=MAX_CALLBACK - 1 - CALLBACK_TOKEN_CHARS)
     poll_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
 
 
 class MonitorSection(_Strict):
@@ -336,6 +346,14 @@ def _folder_problems(folders: tuple[Folder, ...]) -> list[str]:
     return problems
 
 
+def _indexing_problems(indexing: IndexingSection) -> list[str]:
+    if indexing.listen and not indexing.public_url:
+        return ["indexing.public_url: required with indexing.listen: the address memories.ai can reach the listener at"]
+    if indexing.public_url and not indexing.listen:
+        return ["indexing.listen: required with indexing.public_url: where the daemon listens for the callbacks"]
+    return []
+
+
 def parse(document: Any, source: Path) -> Config:
     """Validate a loaded YAML document; raise ConfigError with every problem found."""
     if document is None:
@@ -350,11 +368,7 @@ def parse(document: Any, source: Path) -> Config:
         ) from None
     base = source.parent
     folders = tuple(_merge(checked.defaults, folder, base) for folder in checked.folders)
-    if checked.indexing.public_url:
-        folders = tuple(
-            dataclasses.replace(folder, callback=folder.callback or checked.indexing.public_url) for folder in folders
-        )
-    problems = _folder_problems(folders)
+    problems = _folder_problems(folders) + _indexing_problems(checked.indexing)
     if problems:
         raise ConfigError(source, problems)
     return Config(
@@ -370,8 +384,20 @@ def parse(document: Any, source: Path) -> Config:
     )
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    source = Path(path).absolute()
+class _Loader(yaml.SafeLoader):
+    """YAML without aliases: a few lines of nested aliases (a "billion laughs") would expand to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in this config; write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _read(source: Path) -> Any:
+    """The YAML document in a config file; ConfigError when it cannot be read or parsed."""
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -379,25 +405,57 @@ def load(path: str | os.PathLike[str]) -> Config:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(source, [f"cannot be read: {error}"]) from None
     try:
-        document = yaml.safe_load(text)
+        # A SafeLoader of our own: plain data, no aliases.
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(source, [f"{where}not valid YAML: {problem}"]) from None
-    return parse(document, source)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    source = Path(path).absolute()
+    return parse(_read(source), source)
+
+
+def ledger_path(path: str | os.PathLike[str]) -> Path:
+    """Only where the ledger is, from a config that may be wrong in every other way.
+
+    status, list, retry and resume need nothing else, so a config the daemon rejected on reload leaves them working.
+    """
+    source = Path(path).absolute()
+    document = _read(source)
+    ledger = document.get("ledger", ConfigFile.model_fields["ledger"].default) if isinstance(document, dict) else None
+    if not isinstance(ledger, str) or not ledger.strip():
+        raise ConfigError(source, [f"ledger: {ledger!r} is not a path"])
+    return (source.parent / os.path.expanduser(ledger.strip())).resolve()
 
 
 class MissingApiKey(Exception):
-    pass
+    """No usable key: none found, or one that cannot be a key. The message never holds the key."""
 
 
-def read_api_key(api: ApiSection, environ: dict[str, str] | None = None) -> str:
+def _usable(key: str, where: str) -> str:
+    """The key, stripped of surrounding whitespace; refused, without being echoed, when it cannot be one."""
+    key = key.strip()
+    if not key:
+        raise MissingApiKey(f"{where} is empty")
+    if "\n" in key or "\r" in key:
+        raise MissingApiKey(f"{where} holds more than one line; it must hold the key alone, on one line")
+    if not all(0x21 <= ord(character) <= 0x7E for character in key):
+        raise MissingApiKey(
+            f"{where} holds a space, a control character or a character beyond ASCII, which no API key has "
+            "(the key goes into the Authorization header raw, with no 'Bearer ')"
+        )
+    return key
+
+
+def read_api_key(api: ApiSection, environ: Mapping[str, str] | None = None) -> str:
     """The key, from the environment variable, api.api_key_file, or a systemd credential."""
     env = os.environ if environ is None else environ
-    key = env.get(api.api_key_env, "").strip()
-    if key:
-        return key
+    if env.get(api.api_key_env, "").strip():
+        return _usable(env[api.api_key_env], f"the environment variable {api.api_key_env}")
     candidates = []
     if api.api_key_file:
         candidates.append(Path(os.path.expanduser(api.api_key_file)))
@@ -405,10 +463,15 @@ def read_api_key(api: ApiSection, environ: dict[str, str] | None = None) -> str:
         candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / "api-key")
     for candidate in candidates:
         try:
-            key = candidate.read_text(encoding="utf-8").strip()
+            text = candidate.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MissingApiKey(f"the API key file {candidate} is not text") from None
         except OSError as error:
             raise MissingApiKey(f"cannot read the API key file {candidate}: {error.strerror}") from None
-        if key:
-            return key
-        raise MissingApiKey(f"the API key file {candidate} is empty")
+        return _usable(text, f"the API key file {candidate}")
     raise MissingApiKey(f"no API key: set the environment variable {api.api_key_env} or api.api_key_file in the config")
+
+
+def key_fingerprint(key: str) -> str:
+    """A short one-way name for a key: enough to tell two keys apart, nothing that reveals either."""
+    return hashlib.sha256(b"memories-ingest key\0" + key.encode()).hexdigest()[:12]

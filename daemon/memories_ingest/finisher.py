@@ -21,7 +21,8 @@ import structlog
 
 from .config import Config, Folder
 from .ledger import Ledger, Row
-from .uploader import RetryPolicy, fingerprint
+from .pacing import RetryPolicy
+from .uploader import fingerprint
 from .worker import Worker
 
 log = structlog.get_logger()

@@ -1,112 +1,156 @@
 """Indexing results: what memories.ai says about each upload once it has parsed it.
 
-Two sources, either or both: a listener for the callback memories.ai POSTs (`{"videoNo", "status"}`) to the
-upload's `callback` URL, and a poller that asks list_videos about uploads still waiting. PARSE makes a row
-`indexed`; FAILED makes it `index_failed`, with the cause as its error. Only `uploaded` and `index_failed` rows
-change, so neither source can take a row back from a later state.
+list_videos is the truth. The indexer asks it about the uploads still waiting, by their videoNos (`video_nos`, up
+to 100 a call) in each upload's own scope: every poll_seconds, and at once when a callback names one of them. A
+callback is only a hint: anyone who can reach the listener could send one, so it never changes a row by itself.
+The listener takes callbacks only on a secret path (indexing.public_url plus a token the ledger keeps), and
+gives each connection a few seconds at most.
+
+PARSE makes a row `indexed`; PARSE_ERROR, FAILED or FAIL make it `index_failed`, with the cause as its error.
+Only `uploaded` and `index_failed` rows change, so a result never takes a row back from a later state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import json
+import secrets
 import socket
 import socketserver
 import sys
 import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import structlog
 
-from .ledger import Ledger, LedgerError
-from .uploader import Client, ListFailed
+from . import api
+from .ledger import Ledger, LedgerError, Row
+from .uploader import Client, ListedVideo, ListFailed
 from .worker import Worker
 
 log = structlog.get_logger()
 
-PARSE = "PARSE"
-FAILED = "FAILED"
-REPORTED_FAILED = "memories.ai reported FAILED and gave no cause"
-PAGE_SIZE = 100
-# A poll reads at most this many pages per scope (at 4 per second): an upload that memories.ai no longer lists
-# would otherwise have every poll read the scope back to the day it was sent.
-MAX_PAGES = 20
-# The server's clock is not ours: a page only counts as older than an upload past this margin.
-CLOCK_SLACK_SECONDS = 600.0
+REPORTED_FAILED = "memories.ai reported that parsing failed, and gave no cause"
 MAX_BODY_BYTES = 16 * 1024
 MAX_CAUSE_CHARS = 1000
-REQUEST_TIMEOUT_SECONDS = 10.0
+# A connection gets this long, all told, to send its request: an idle or trickling one cannot hold a slot.
+CONNECTION_SECONDS = 5.0
 MAX_CONNECTIONS = 32
 ACCEPT_WAIT_SECONDS = 0.5
+# How often the indexer looks for hints when it has nothing to poll.
+IDLE_SECONDS = 1.0
+TOKEN_KEY = "callback_token"
 
 
-def record_result(ledger: Ledger, video_no: str, status: str | None, cause: str | None) -> bool:
-    """Store what memories.ai says about a video; True when a row changed. Any other status says nothing yet."""
-    if status == PARSE:
-        changed = ledger.mark_indexed(video_no)
-    elif status == FAILED:
-        changed = ledger.mark_indexed(video_no, cause or REPORTED_FAILED)
-    else:
-        return False
-    if changed and status == PARSE:
-        log.info("indexed", video_no=video_no, state="indexed")
-    elif changed:
-        log.warning("indexing failed", video_no=video_no, state="index_failed", cause=cause or REPORTED_FAILED)
-    return changed
+def callback_token(ledger: Ledger) -> str:
+    """The secret last segment of the callback URL: made once, then kept in the ledger."""
+
+    def keep_or_make(found: Any) -> tuple[Any, str]:
+        token = found if isinstance(found, str) and found else secrets.token_urlsafe(24)
+        return token, token
+
+    token: str = ledger.update_setting(TOKEN_KEY, keep_or_make)
+    return token
 
 
-def find_video(client: Client, video_no: str) -> tuple[str | None, str | None] | None:
-    """One video's status and cause, from list_videos filtered by its number; None when it is not listed."""
-    for video in client.list_videos(unique_id=None, size=1, video_no=video_no):
-        if video.video_no == video_no:
-            return (str(video.status) if video.status else None, str(video.cause) if video.cause else None)
-    return None
+def callback_url(public_url: str, token: str) -> str:
+    return f"{public_url.rstrip('/')}/{token}"
 
 
 class Indexer(Worker):
-    """Every poll_seconds, asks list_videos what became of the uploads still waiting for a result."""
+    """Asks list_videos what became of uploads: all that wait, every poll_seconds; those a callback named, at once."""
 
     name = "indexer"
 
-    def __init__(self, stop: threading.Event, ledger: Ledger, client: Client, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        stop: threading.Event,
+        ledger: Ledger,
+        client: Client,
+        poll_seconds: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(stop)
         self.ledger = ledger
         self.client = client
         self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.next_poll = clock() if poll_seconds else float("inf")
+        self.hinted: set[str] = set()
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self._statuses_seen: set[tuple[str, str]] = set()
+
+    def hint(self, video_no: str) -> None:
+        """A callback named this video: ask list_videos about it soon. Safe from any thread."""
+        with self._lock:
+            self.hinted.add(video_no)
+        self.wake.set()
 
     def loop(self) -> None:
-        self.poll()
-        self.stop.wait(self.poll_seconds)
+        self.wake.clear()
+        if self.clock() >= self.next_poll:
+            assert self.poll_seconds is not None
+            self.next_poll = self.clock() + self.poll_seconds
+            self.poll()
+        with self._lock:
+            hinted, self.hinted = self.hinted, set()
+        if hinted:
+            self.ask(self.ledger.awaiting_index(video_nos=hinted))
+        self.wake.wait(min(IDLE_SECONDS, max(0.0, self.next_poll - self.clock())))
 
     def poll(self) -> int:
-        """One round over every scope with uploads waiting; returns how many rows changed."""
-        waiting: dict[str | None, dict[str, float]] = {}
-        for row in self.ledger.awaiting_index():
-            assert row.video_no is not None
-            waiting.setdefault(row.unique_id, {})[row.video_no] = row.uploaded_at or 0.0
-        return sum(self.poll_scope(unique_id, videos) for unique_id, videos in waiting.items())
+        """Ask about every upload still waiting for a result; returns how many rows changed."""
+        return self.ask(self.ledger.awaiting_index())
 
-    def poll_scope(self, unique_id: str | None, videos: dict[str, float]) -> int:
-        """Pages through a scope's videos, newest first, until every waiting one is found or the pages are older."""
-        horizon = min(videos.values()) - CLOCK_SLACK_SECONDS
+    def ask(self, rows: Iterable[Row]) -> int:
+        """Ask list_videos about these rows' videos, by videoNo, scope by scope; returns how many rows changed."""
+        scopes: dict[str | None, list[str]] = {}
+        for row in rows:
+            assert row.video_no is not None
+            numbers = scopes.setdefault(row.unique_id, [])
+            if row.video_no not in numbers:
+                numbers.append(row.video_no)
         changed = 0
-        for page in range(1, MAX_PAGES + 1):
-            if self.stop.is_set():
-                break
-            try:
-                listed = self.client.list_videos(unique_id=unique_id, page=page, size=PAGE_SIZE)
-            except ListFailed as error:
-                log.warning(
-                    "cannot ask list_videos for indexing results; asking again at the next poll", reason=str(error)
-                )
-                break
-            for video in listed:
-                if videos.pop(video.video_no, None) is not None:
-                    changed += record_result(self.ledger, video.video_no, video.status, video.cause)
-            older = any(video.created_at is not None and video.created_at < horizon for video in listed)
-            if not videos or len(listed) < PAGE_SIZE or older:
-                break
+        for unique_id, numbers in scopes.items():
+            for start in range(0, len(numbers), api.MAX_VIDEO_NOS):
+                if self.stop.is_set():
+                    return changed
+                wanted = numbers[start : start + api.MAX_VIDEO_NOS]
+                self.heartbeat = time.monotonic()
+                try:
+                    listed = self.client.list_videos(unique_id=unique_id, video_nos=wanted, size=len(wanted))
+                except ListFailed as error:
+                    log.warning("cannot ask list_videos for indexing results; asking again later", reason=str(error))
+                    return changed
+                changed += sum(self.record(video) for video in listed if video.video_no in wanted)
         return changed
+
+    def record(self, video: ListedVideo) -> int:
+        """Store what list_videos says about one video; returns how many rows changed."""
+        result = api.indexing_result(video.status, video.cause)
+        if result is None:
+            status = str(video.status)
+            if status != api.NOT_PARSED and (video.video_no, status) not in self._statuses_seen:
+                self._statuses_seen.add((video.video_no, status))
+                log.warning("list_videos gave a status this daemon does not know; still waiting", status=status)
+            return 0
+        state, cause = result
+        failure = None if state == "indexed" else (cause or REPORTED_FAILED)[:MAX_CAUSE_CHARS]
+        changed = self.ledger.mark_indexed(video.video_no, failure)
+        for row in changed:
+            context = {"path": str(row.path), "unique_id": row.unique_id, "state": row.state}
+            if failure is None:
+                log.info("indexed", video_no=video.video_no, **context)
+            else:
+                log.warning("indexing failed", video_no=video.video_no, cause=failure, **context)
+        return len(changed)
 
 
 class ListenFailed(Exception):
@@ -114,21 +158,20 @@ class ListenFailed(Exception):
 
 
 class CallbackListener(Worker):
-    """Where memories.ai POSTs each video's status: records indexed and index_failed for videos in the ledger.
+    """Where memories.ai POSTs each video's status: a hint for the indexer, taken only on the secret path.
 
-    Every well-formed callback is answered 200, ours or not: a sender told no may retry forever, and the answer
-    tells a stranger nothing about which videoNos are ours. A malformed one gets 400, one over 16 KiB 413, and
-    one that cannot be recorded because the ledger cannot be written 503. Any path is accepted, since a proxy
-    in front may rewrite it. A FAILED without a cause is recorded at once; list_videos is then asked for the
-    cause (which also corrects a callback that was not true).
+    Every well-formed callback on that path is answered 200, ours or not: a sender told no may retry forever,
+    and the answer tells a stranger nothing about which videoNos are ours. Any other path gets 404, a malformed
+    callback 400, one over 16 KiB 413.
     """
 
     name = "callbacks"
 
-    def __init__(self, stop: threading.Event, ledger: Ledger, client: Client, listen: str) -> None:
+    def __init__(self, *, stop: threading.Event, ledger: Ledger, indexer: Indexer, listen: str, token: str) -> None:
         super().__init__(stop)
         self.ledger = ledger
-        self.client = client
+        self.indexer = indexer
+        self.token = token
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
         server = _Server6 if ":" in host else _Server
@@ -140,6 +183,7 @@ class CallbackListener(Worker):
 
     @property
     def url(self) -> str:
+        """Where the listener is, without the token."""
         host, port = self.server.socket.getsockname()[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -149,31 +193,17 @@ class CallbackListener(Worker):
     def shutdown(self) -> None:
         self.server.server_close()
 
-    def receive(self, video_no: str, status: str, cause: str | None) -> bool:
-        """Record one callback; True when list_videos should then be asked why the video failed."""
-        changed = record_result(self.ledger, video_no, status, cause)
-        if not changed:
-            log.debug("a callback changed nothing (not ours, known already, or no result)", video_no=video_no)
-        return changed and status == FAILED and not cause
+    def on_secret_path(self, path: str) -> bool:
+        """Whether a request's path ends in the token; a proxy in front may put anything before it."""
+        last = urllib.parse.urlsplit(path).path.rstrip("/").rpartition("/")[2]
+        return hmac.compare_digest(last.encode(), self.token.encode())
 
-    def look_up_cause(self, video_no: str) -> None:
-        try:
-            found = find_video(self.client, video_no)
-        except ListFailed as error:
-            log.warning("cannot ask list_videos why indexing failed", video_no=video_no, reason=str(error))
-            return
-        if found is None or found[0] not in (PARSE, FAILED):
-            log.warning("a FAILED callback that list_videos does not confirm", video_no=video_no, listed=found)
-            return
-        try:
-            record_result(self.ledger, video_no, *found)
-        except LedgerError as error:
-            self.fail(error)
-
-    def fail(self, error: LedgerError) -> None:
-        """The ledger cannot be written: stop the daemon, as a worker does."""
-        self.fatal = error
-        self.stop.set()
+    def receive(self, video_no: str) -> None:
+        """One well-formed callback: a hint, when it names one of our uploads still waiting for its result."""
+        if self.ledger.awaiting_index(video_nos=[video_no]):
+            self.indexer.hint(video_no)
+        else:
+            log.debug("a callback for a video that is not ours, or not waiting", video_no=video_no)
 
 
 class _Refused(Exception):
@@ -184,29 +214,28 @@ class _Refused(Exception):
 
 class _CallbackHandler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = REQUEST_TIMEOUT_SECONDS
+    timeout = CONNECTION_SECONDS
     server_version = "memories-ingest"
     sys_version = ""
 
     def do_POST(self) -> None:
         listener = self.server.listener
+        if not listener.on_secret_path(self.path):
+            self._answer(404, {"error": "not found"})
+            return
         try:
-            video_no, status, cause = self._callback()
+            video_no = self._callback()
         except _Refused as refusal:
             self._answer(refusal.status, {"error": str(refusal)})
             return
         try:
-            look_up = listener.receive(video_no, status, cause)
-        except LedgerError as error:
-            listener.fail(error)
-            self._answer(503, {"error": "the ledger cannot be written"})
+            listener.receive(video_no)
+        except LedgerError:
+            self._answer(503, {"error": "the ledger cannot be read"})
             return
         self._answer(200, {"ok": True})
-        # After the answer, so the sender never waits on list_videos.
-        if look_up:
-            listener.look_up_cause(video_no)
 
-    def _callback(self) -> tuple[str, str, str | None]:
+    def _callback(self) -> str:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise _Refused(411, "send the body with a Content-Length")
         try:
@@ -234,7 +263,7 @@ class _CallbackHandler(BaseHTTPRequestHandler):
             raise _Refused(400, "status must be a string")
         if cause is not None and not isinstance(cause, str):
             raise _Refused(400, "cause must be a string")
-        return video_no, status, cause[:MAX_CAUSE_CHARS] if cause else None
+        return video_no
 
     def _answer(self, status: int, payload: dict[str, Any]) -> None:
         body = json.dumps(payload).encode()
@@ -249,7 +278,7 @@ class _CallbackHandler(BaseHTTPRequestHandler):
 
 
 class _Server(socketserver.ThreadingTCPServer):
-    """One thread per connection, at most MAX_CONNECTIONS at once, so a flood cannot grow the thread count."""
+    """One thread per connection, at most MAX_CONNECTIONS at once, each cut off after CONNECTION_SECONDS."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -271,9 +300,14 @@ class _Server(socketserver.ThreadingTCPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # A per-read timeout alone lets a client that sends a byte every few seconds keep its slot for ever.
+        deadline = threading.Timer(CONNECTION_SECONDS, _cut_off, args=(request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -282,6 +316,11 @@ class _Server(socketserver.ThreadingTCPServer):
             log.debug("a callback connection failed", client=client_address[0], error=str(error))
         else:
             log.exception("handling a callback failed", client=client_address[0])
+
+
+def _cut_off(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class _Server6(_Server):

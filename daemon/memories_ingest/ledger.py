@@ -7,11 +7,15 @@ Every state change is one ``BEGIN IMMEDIATE`` transaction, so two workers never 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import json
 import os
 import sqlite3
+import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from .schema import (
     UPLOADED,
     UPLOADING,
     LedgerError,
+    LedgerLocationError,
     Pause,
     Row,
     key,
@@ -54,17 +59,45 @@ __all__ = [
     "UPLOADING",
     "Ledger",
     "LedgerError",
+    "LedgerHeld",
+    "LedgerLocationError",
+    "LedgerLock",
     "Pause",
     "Row",
 ]
 
 
+def location_problem(path: Path) -> str | None:
+    """Why a ledger cannot live at path, or None. Tried for real (a file made and removed): root passes os.access."""
+    directory = path.parent
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory, so the ledger's directory {directory} cannot be made"
+    try:
+        if existing == directory:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing))
+    except OSError as error:
+        if existing == directory:
+            return (
+                f"the ledger's directory {directory} is not writable by this user ({error.strerror}); "
+                "the ledger needs it for its -wal and -shm files"
+            )
+        return f"the ledger's directory {directory} does not exist and cannot be made in {existing} ({error.strerror})"
+    return None
+
+
 class Ledger:
-    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path | str, *, create: bool = True, clock: Callable[[], float] = time.time) -> None:
+        """Open the ledger at path. create=False (status, list) never makes one: a missing ledger is an error."""
         self.path = Path(path)
         self.clock = clock
         self._lock = threading.RLock()
-        self._conn = self._connect()
+        self._conn = self._connect(create)
         self.db = Database(self._conn)
         try:
             with self._lock:
@@ -73,18 +106,23 @@ class Ledger:
             self._conn.close()
             raise LedgerError(f"cannot prepare the ledger {self.path}: {error}") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        directory = self.path.parent
-        if not directory.is_dir():
-            raise LedgerError(f"the ledger's directory {directory} does not exist; create it or change `ledger`")
-        if not os.access(directory, os.W_OK | os.X_OK):
+    def _connect(self, create: bool) -> sqlite3.Connection:
+        if create:
+            problem = location_problem(self.path)
+            if problem is not None:
+                raise LedgerLocationError(problem)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif not self.path.is_file():
             raise LedgerError(
-                f"the ledger's directory {directory} is not writable by this user; "
-                "the ledger needs it for its -wal and -shm files"
+                f"there is no ledger at {self.path}: the daemon makes it when it first starts with this config"
             )
         try:
             conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+                f"file:{urllib.parse.quote(str(self.path))}?mode={'rwc' if create else 'rw'}",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
             )
             conn.row_factory = sqlite3.Row
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -344,14 +382,19 @@ class Ledger:
         with self._write() as conn:
             conn.execute("UPDATE files SET sent_at = NULL WHERE id = ?", [row_id])
 
-    def mark_retry(self, row_id: int, at: float, error: str, *, answered: bool = False) -> None:
-        """Try again at `at`. answered: the API itself refused this attempt, so it cannot have landed."""
+    def mark_retry(
+        self, row_id: int, at: float, error: str, *, answered: bool = False, uncertain: bool = False
+    ) -> None:
+        """Try again at `at`. answered: the API itself refused this attempt, so it cannot have landed.
+
+        uncertain: it may have landed, whatever the row knew, so list_videos is asked before the next send.
+        """
         now = self.clock()
         with self._write() as conn:
             conn.execute(
                 "UPDATE files SET state = ?, next_attempt_at = ?, error = ?, updated_at = ?,"
-                " sent_at = CASE WHEN ? THEN NULL ELSE sent_at END WHERE id = ?",
-                [RETRYING, at, error, now, answered, row_id],
+                " sent_at = CASE WHEN ? THEN NULL WHEN ? THEN COALESCE(sent_at, ?) ELSE sent_at END WHERE id = ?",
+                [RETRYING, at, error, now, answered, uncertain, now, row_id],
             )
 
     def delivered_video_numbers(self) -> set[str]:
@@ -447,21 +490,83 @@ class Ledger:
             )[0][0]
         )
 
-    # -- the account-wide pause, shared with `status` in other processes ----------------------------------
+    # -- settings: the pause, the pace and what the daemon publishes for `status` --------------------------
+
+    def setting(self, name: str) -> Any:
+        found = self._read("SELECT value FROM settings WHERE key = ?", [name])
+        return json.loads(found[0][0]) if found else None
+
+    def update_setting(self, name: str, apply: Callable[[Any], tuple[Any, Any]], *, durable: bool = True) -> Any:
+        """Read, change and write one setting in one transaction; returns what apply returned besides the value.
+
+        apply(value) gives (new value, result); a new value of None deletes the setting. durable=False skips
+        the fsync, for state that may be lost with the power (the next upload slot), not with a crash.
+        """
+        with self._lock:
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._write() as conn:
+                    found = conn.execute("SELECT value FROM settings WHERE key = ?", [name]).fetchone()
+                    value, result = apply(json.loads(found[0]) if found else None)
+                    if value is None:
+                        conn.execute("DELETE FROM settings WHERE key = ?", [name])
+                    else:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", [name, json.dumps(value)]
+                        )
+            finally:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
+        return result
 
     def set_pause(self, pause: Pause | None) -> None:
-        with self._write() as conn:
-            if pause is None:
-                conn.execute("DELETE FROM settings WHERE key = 'pause'")
-            else:
-                conn.execute(
-                    "INSERT OR REPLACE INTO settings (key, value) VALUES ('pause', ?)",
-                    [json.dumps(pause.__dict__)],
-                )
+        self.update_setting("pause", lambda _: (None if pause is None else dataclasses.asdict(pause), None))
 
     def pause(self) -> Pause | None:
-        found = self._read("SELECT value FROM settings WHERE key = 'pause'")
-        return Pause(**json.loads(found[0][0])) if found else None
+        found = self.setting("pause")
+        return Pause.from_json(found) if found else None
+
+    def clear_pause(self) -> Pause | None:
+        """Lift the pause; returns the one lifted, if there was one."""
+        if self.setting("pause") is None:
+            return None
+        earlier: Pause | None = self.update_setting("pause", lambda found: (None, found and Pause.from_json(found)))
+        return earlier
+
+    def take_trial(self, now: float, hold: float) -> tuple[str, float]:
+        """May an upload go out now? ("open", 0); ("trial", 0) for the one trial after a pause; ("wait", seconds).
+
+        The trial holds the pause for `hold` seconds more, so nobody else goes out until it is answered.
+        """
+        pause = self.pause()
+        if pause is None:
+            return "open", 0.0
+        if pause.until > now:
+            return "wait", pause.until - now
+
+        def take(found: Any) -> tuple[Any, tuple[str, float]]:
+            current = Pause.from_json(found) if found else None
+            if current is None:
+                return None, ("open", 0.0)
+            if current.until > now:
+                return found, ("wait", current.until - now)
+            if current.kind != "account":
+                return None, ("open", 0.0)
+            return {**found, "until": now + hold}, ("trial", 0.0)
+
+        verdict: tuple[str, float] = self.update_setting("pause", take)
+        return verdict
+
+    def end_trial(self, now: float) -> None:
+        """The trial learnt nothing about the account: let the next upload be the trial, now."""
+        pause = self.pause()
+        if pause is None or pause.kind != "account" or pause.until <= now:
+            return
+        self.update_setting(
+            "pause",
+            lambda found: ({**found, "until": min(found["until"], now)} if found else None, None),
+        )
 
     def status(self) -> dict[str, Any]:
         """What `status`, the status page and the monitor show: one consistent read of the ledger."""
@@ -470,6 +575,7 @@ class Ledger:
             self._conn.execute("BEGIN")
             try:
                 pause = self.pause()
+                pace = self.setting("pace")
                 uploading = self.rows(UPLOADING)
                 next_retry = self.next_retry()
                 errors = self.recent_errors()
@@ -496,7 +602,8 @@ class Ledger:
         return {
             "counts": counts,
             "uploading": in_flight,
-            "paused": None if pause is None else {**pause.__dict__},
+            "paused": None if pause is None else dataclasses.asdict(pause),
+            "pace": pace,
             "next_retry": None
             if next_retry is None
             else {"path": str(next_retry.path), "at": next_retry.next_attempt_at, "error": next_retry.error},
@@ -544,27 +651,122 @@ class Ledger:
                 [error, retry_at, self.clock(), row_id],
             )
 
-    def awaiting_index(self) -> list[Row]:
-        """Uploaded rows memories.ai has said nothing final about yet, oldest upload first."""
-        found = self._read(
-            "SELECT * FROM files WHERE state = ? AND video_no IS NOT NULL ORDER BY uploaded_at, id", [UPLOADED]
-        )
+    def awaiting_index(self, video_nos: Iterable[str] | None = None) -> list[Row]:
+        """Uploaded rows memories.ai has said nothing final about yet (of these videoNos), oldest upload first."""
+        if video_nos is None:
+            found = self._read(
+                "SELECT * FROM files WHERE state = ? AND video_no IS NOT NULL ORDER BY uploaded_at, id", [UPLOADED]
+            )
+        else:
+            numbers = list(video_nos)
+            found = self._read(
+                f"SELECT * FROM files WHERE state = ? AND video_no IN ({','.join('?' * len(numbers))})"
+                " ORDER BY uploaded_at, id",
+                [UPLOADED, *numbers],
+            )
         return [Row.from_sql(r) for r in found]
 
-    def mark_indexed(self, video_no: str, failure: str | None = None) -> bool:
+    def mark_indexed(self, video_no: str, failure: str | None = None) -> list[Row]:
         """memories.ai is done with a video: `indexed`, or `index_failed` with the failure's cause as the error.
 
         Every row with that videoNo moves (a copy shares its original's), from `uploaded` or `index_failed` only.
-        True when a row changed: hearing again what is already recorded changes nothing.
+        Returns the rows that changed: hearing again what is already recorded changes nothing.
         """
-        state = INDEXED if failure is None else INDEX_FAILED
+        state = INDEX_FAILED if failure else INDEXED
         now = self.clock()
         with self._write() as conn:
-            changed: int = conn.execute(
-                # Leaving index_failed drops the old cause; leaving uploaded keeps a note such as "same content as".
+            ids = [
+                found[0]
+                for found in conn.execute(
+                    "SELECT id FROM files WHERE video_no = ? AND state IN (?, ?) AND NOT (state = ? AND error IS ?)",
+                    [video_no, UPLOADED, INDEX_FAILED, state, failure],
+                )
+            ]
+            # Leaving index_failed drops the old cause; leaving uploaded keeps a note such as "same content as".
+            conn.executemany(
                 "UPDATE files SET state = ?, error = CASE WHEN state = ? THEN ? ELSE COALESCE(?, error) END,"
-                " indexed_at = ?, updated_at = ?"
-                " WHERE video_no = ? AND state IN (?, ?) AND NOT (state = ? AND error IS ?)",
-                [state, INDEX_FAILED, failure, failure, now, now, video_no, UPLOADED, INDEX_FAILED, state, failure],
-            ).rowcount
-        return changed > 0
+                " indexed_at = ?, updated_at = ? WHERE id = ?",
+                [[state, INDEX_FAILED, failure, failure, now, now, row_id] for row_id in ids],
+            )
+        return [self.get_id(row_id) for row_id in ids]
+
+
+LOCK_TRIES = 20
+LOCK_TRY_SECONDS = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """The daemon that holds a ledger: its pid, and since when."""
+
+    pid: int
+    since: float
+
+
+class LedgerHeld(Exception):
+    """Another daemon holds this ledger."""
+
+    def __init__(self, path: Path, holder: Holder | None) -> None:
+        self.holder = holder
+        who = f"the daemon with pid {holder.pid}" if holder else "another daemon"
+        super().__init__(
+            f"the ledger {path} is held by {who}: one daemon per ledger. Stop that one first, "
+            "or give this one a ledger of its own"
+        )
+
+
+class LedgerLock:
+    """A daemon's hold on its ledger: an flock on <ledger>.lock, which the kernel lets go when the process ends.
+
+    `upload`, `status` and the other commands never take it; they share the ledger with the daemon.
+    """
+
+    def __init__(self, ledger: Path) -> None:
+        self.path = ledger.with_name(ledger.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Hold the ledger; raises LedgerHeld, naming the holder, when another process does."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # `status` takes a shared lock for an instant to ask; a daemon holds it for its whole life.
+        for _ in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(LOCK_TRY_SECONDS)
+        else:
+            holder = _holder(fd)
+            os.close(fd)
+            raise LedgerHeld(self.path.with_suffix(""), holder)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def holder(ledger: Path) -> Holder | None:
+        """Which daemon holds this ledger now, if one does; creates nothing."""
+        try:
+            fd = os.open(ledger.with_name(ledger.name + ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd) or Holder(pid=0, since=0.0)
+        finally:
+            os.close(fd)
+        return None
+
+
+def _holder(fd: int) -> Holder | None:
+    try:
+        found = json.loads(os.pread(fd, 4096, 0))
+        return Holder(pid=int(found["pid"]), since=float(found["since"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

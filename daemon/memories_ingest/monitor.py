@@ -27,9 +27,10 @@ from prometheus_client.exposition import choose_encoder
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from .api import Outcome
 from .config import Config
 from .ledger import DELIVERED, FAILED, PENDING, QUEUED, REJECTED, RETRYING, Ledger, Row
-from .uploader import Outcome
+from .pacing import Pace
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -40,8 +41,17 @@ STATUS_SECONDS = 5.0
 # From a short clip on a fast link (1 s) to a 3 GiB file on a slow one (1 h).
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 # Listed up front so that every series exists, at 0, before the first one happens.
-RETRY_REASONS = ("rate_limited", "transient", "account", "refused", "unrecognised", "changed", "abandoned")
-PAUSE_KINDS = ("account", "rate_limit", "indexing_window")
+RETRY_REASONS = (
+    "rate_limited",
+    "transient",
+    "account",
+    "refused",
+    "duplicate",
+    "unrecognised",
+    "changed",
+    "abandoned",
+)
+PAUSE_KINDS = ("account", "indexing_window")
 # Below this, SQLite cannot be relied on to commit; BEGIN IMMEDIATE alone would not notice.
 MIN_FREE_BYTES = 1 << 20
 PAGE_REFRESH_SECONDS = 5
@@ -256,30 +266,37 @@ class LedgerCheck:
 class LedgerCollector:
     """Gauges read from the ledger when Prometheus scrapes, so they are never stale and cost nothing between."""
 
-    def __init__(self, ledger: Ledger, check: LedgerCheck, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, ledger: Ledger, check: LedgerCheck, ceiling: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self.ledger = ledger
         self.check = check
+        self.ceiling = ceiling
         self.clock = clock
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily("memories_ingest_files", "Files in the ledger, by state", labels=["state"]),
             GaugeMetricFamily(
                 "memories_ingest_paused",
-                "1 while every upload waits, labelled with why: account, rate_limit or indexing_window",
+                "1 while every upload waits, labelled with why: account or indexing_window",
                 labels=["reason"],
             ),
             GaugeMetricFamily(
                 "memories_ingest_oldest_queued_seconds",
                 "How long the longest-waiting queued or retrying file has waited; 0 when none waits",
             ),
+            GaugeMetricFamily(
+                "memories_ingest_upload_pace_per_second",
+                "The upload pace learned from the API's 0429 answers, at most upload.rate_per_second",
+            ),
         )
 
     def collect(self) -> Iterator[Metric]:
-        files, paused, oldest = self._families()
+        files, paused, oldest, pace = self._families()
         for state, count in self.ledger.counts().items():
             files.add_metric([state], count)
         pause = self.ledger.pause()
@@ -290,7 +307,9 @@ class LedgerCollector:
             paused.add_metric([kind], flag)
         since = self.check.oldest_waiting_since()
         oldest.add_metric([], 0.0 if since is None else max(0.0, self.clock() - since))
-        yield from (files, paused, oldest)
+        learned = Pace.stored(self.ledger.setting("pace"))
+        pace.add_metric([], self.ceiling if learned is None else learned.rate)
+        yield from (files, paused, oldest, pace)
 
 
 # -- the HTTP endpoint ------------------------------------------------------------------------------------
@@ -329,7 +348,7 @@ class MonitorServer:
         self.metrics = metrics
         self.health = health
         self.check = LedgerCheck(ledger.path)
-        self.collector = LedgerCollector(ledger, self.check)
+        self.collector = LedgerCollector(ledger, self.check, config.upload.rate_per_second)
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -467,6 +486,9 @@ def render_page(
             f'<p class="banner">Uploads are paused: {_e(paused["reason"])}; since {_when(paused["since"], now)}, '
             f"next check {_when(paused['until'], now)}.</p>"
         )
+    pace = Pace.stored(document["pace"])
+    if pace is not None:
+        sections.append(f"<p>Upload pace: {_e(pace.describe())}.</p>")
     in_flight = [
         (
             _e(upload["path"]),

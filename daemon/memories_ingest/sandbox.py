@@ -1,8 +1,16 @@
-"""A stand-in for the memories.ai API, served over loopback for the tests and the demo.
+"""A stand-in for the memories.ai API, served over loopback for the tests, the demo and anyone trying the daemon.
 
-It enforces every documented upload rule, the per-account rate limits and the account states,
-and it can inject what a real network and a real vendor do to a client (rate limits, 5xx answers,
-connection resets, stalls), so the daemon's handling of each is exercised over real HTTP.
+It answers as the vendor documents: in v1.2's string codes on HTTP 200 by default, or in the newer API's integer
+codes equal to the HTTP status, with the vendor's own texts (see :mod:`memories_ingest.api`). Where the vendor
+documents no code (the indexing cap, a server error, an unknown path), the sandbox uses codes of its own that
+begin with S in v1.2, and says so. It enforces every documented upload rule and a per-account upload rate, which
+can be far slower than 1 per second, and it can inject what a real network and a real vendor do to a client
+(rate limits, 5xx answers, resets, stalls, trickling reads, duplicate refusals), so that the daemon's handling of
+each is exercised over real HTTP.
+
+Like the real API, it names each stored video itself (a hex string unrelated to the file name), files an upload
+without a unique_id under the scope ``default``, lists a video's tags only once it is parsed, and spells a failed
+parse PARSE_ERROR.
 """
 
 from __future__ import annotations
@@ -42,26 +50,28 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Response
 from werkzeug.wsgi import get_content_length, get_input_stream
 
+from . import api
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-UPLOAD_PATH = "/serve/api/v1/upload"
-LIST_PATH = "/serve/api/v1/list_videos"
+UPLOAD_PATH = api.UPLOAD_PATH
+LIST_PATH = api.LIST_PATH
+MAX_FILE_BYTES = api.MAX_FILE_BYTES
 
-MAX_FILE_BYTES = 3 * 1024**3
-ALLOWED_EXTENSIONS = (".avi", ".mkv", ".mov", ".mp4")
-MAX_TAGS = 20
-ACCOUNT_STATES = ("ok", "insufficient_balance", "indexing_cap", "bad_key")
+ACCOUNT_STATES = ("ok", "bad_key", "insufficient_balance", "disabled", "permission_denied", "indexing_cap")
 FAULT_PARAMS: dict[str, frozenset[str]] = {
     "rate_limit": frozenset({"http_status", "retry_after"}),
     "server_error": frozenset({"status", "html"}),
     "reset": frozenset({"after_bytes"}),
     "slow": frozenset({"seconds", "accept"}),
-    "insufficient_balance": frozenset(),
-    "indexing_cap": frozenset(),
-    "bad_key": frozenset(),
+    "trickle": frozenset({"bytes_per_second"}),
     "invalid_field": frozenset({"msg"}),
+    # Any answer of the table below by name; landed: the video is stored although the answer refuses it.
+    "answer": frozenset({"name", "landed"}),
+    **{state: frozenset() for state in ACCOUNT_STATES if state != "ok"},
 }
+VIDEO_NAMES = ("internal", "stem")
 
 _READ_SIZE = 1024 * 1024
 # Text fields are buffered by the parser, so they get a cap; the file part is streamed. werkzeug also
@@ -72,6 +82,8 @@ _MAX_LIST_BODY_BYTES = 64 * 1024
 _CALLBACK_TIMEOUT_SECONDS = 5.0
 _DATETIME_TAKEN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+# The server appends this tag to every upload.
+API_TAG = "api"
 
 _log = structlog.get_logger(__name__)
 _Headers = tuple[tuple[str, str], ...]
@@ -79,8 +91,47 @@ _Fields = dict[str, list[str]]
 
 
 @dataclass(frozen=True)
+class _Code:
+    """How the sandbox answers one outcome: v1.2 code (on HTTP v1_status), newer-API code (also the status), text."""
+
+    v1: str
+    v2: int
+    text: str
+    v1_status: int = 200
+    # The newer API's codes are HTTP statuses; only the sandbox's own need another.
+    v2_status: int | None = None
+
+
+def _documented(name: str, *, v1: str | None = None, v2: int | None = None) -> _Code:
+    meaning = api.BY_NAME[name]
+    return _Code(meaning.v1_code or v1 or "", meaning.v2_code or v2 or 0, meaning.vendor_text)
+
+
+# Every documented answer, with stand-ins where one dialect has no code of its own for it.
+_CODES = {
+    "success": _documented("success"),
+    "parameters": _documented("parameters", v2=400),
+    "invalid": _documented("invalid"),
+    "media": _documented("media", v1="0003"),
+    "bad_key": _documented("bad_key"),
+    "insufficient_balance": _documented("insufficient_balance"),
+    "disabled": _documented("disabled"),
+    "duplicate": _documented("duplicate"),
+    "rate_limited": _documented("rate_limited"),
+    "permission_denied": _documented("permission_denied", v2=403),
+    # The sandbox's own: the vendor documents no code for these.
+    "indexing_cap": _Code("S001", 4001, "The number of videos being indexed has reached the limit", v2_status=400),
+    "server_error": _Code("S500", 500, "Internal server error", v1_status=500),
+    "not_found": _Code("S404", 404, "No such endpoint", v1_status=404),
+    "method": _Code("S405", 405, "Method not allowed", v1_status=405),
+}
+ANSWER_NAMES = tuple(_CODES)
+
+
+@dataclass(frozen=True)
 class ReceivedVideo:
     video_no: str
+    video_name: str
     filename: str
     content_type: str
     size: int
@@ -92,6 +143,10 @@ class ReceivedVideo:
     def unique_id(self) -> str | None:
         values = self.fields.get("unique_id")
         return values[0] if values else None
+
+    @property
+    def scope(self) -> str:
+        return self.unique_id or api.DEFAULT_SCOPE
 
     @property
     def tags(self) -> list[str]:
@@ -116,7 +171,7 @@ class _Fault:
 @dataclass
 class _StoredVideo:
     video: ReceivedVideo
-    status: str = "UNPARSE"
+    status: str = api.NOT_PARSED
     cause: str | None = None
 
 
@@ -131,22 +186,20 @@ class _Answer:
     stall_seconds: float = 0.0
 
 
-def _api_answer(code: str, msg: str, data: Any = None, *, http_status: int = 200, headers: _Headers = ()) -> _Answer:
-    body = json.dumps({"code": code, "msg": msg, "data": data}).encode()
-    return _Answer(http_status, code, body, headers=headers)
+class _SlidingWindow:
+    """At most `count` arrivals in any window of `seconds`; rejected arrivals count too, as they do upstream."""
 
+    def __init__(self, per_second: float) -> None:
+        self.count = max(1, int(per_second))
+        self.seconds = self.count / per_second
+        self._arrivals: collections.deque[float] = collections.deque()
 
-def _invalid(msg: str) -> _Answer:
-    return _api_answer("0400", msg)
-
-
-_RATE_LIMITED = _api_answer("0429", "Request has exceeded the limit.")
-_INVALID_KEY = _api_answer("0401", "Invalid API key", http_status=401)
-_ACCOUNT_ANSWERS = {
-    "insufficient_balance": _api_answer("0402", "Insufficient balance, please recharge"),
-    "indexing_cap": _api_answer("0409", "The number of videos being indexed has reached the limit"),
-    "bad_key": _INVALID_KEY,
-}
+    def admit(self, now: float) -> bool:
+        while self._arrivals and self._arrivals[0] <= now - self.seconds:
+            self._arrivals.popleft()
+        admitted = len(self._arrivals) < self.count
+        self._arrivals.append(now)
+        return admitted
 
 
 class _AbortConnection(BaseException):
@@ -155,21 +208,6 @@ class _AbortConnection(BaseException):
 
 class _InvalidUpload(Exception):
     pass
-
-
-class _SlidingWindow:
-    """At most `per_second` arrivals in any 1.0 s window; rejected arrivals count too, as they do upstream."""
-
-    def __init__(self, per_second: float) -> None:
-        self._per_second = per_second
-        self._arrivals: collections.deque[float] = collections.deque()
-
-    def admit(self, now: float) -> bool:
-        while self._arrivals and self._arrivals[0] <= now - 1.0:
-            self._arrivals.popleft()
-        admitted = len(self._arrivals) < self._per_second
-        self._arrivals.append(now)
-        return admitted
 
 
 class _FilePart:
@@ -295,46 +333,45 @@ _FIELD_RULES: dict[str, tuple[Callable[[str], bool], str]] = {
         partial(_is_decimal_within, bound=180),
         "longitude must be a decimal number in [-180, 180]",
     ),
-    "camera_model": (lambda value: len(value) <= 200, "camera_model must be at most 200 characters"),
-    "callback": (lambda value: len(value) <= 299, "callback must be at most 299 characters"),
+    "camera_model": (
+        lambda value: len(value) <= api.MAX_CAMERA_MODEL,
+        f"camera_model must be at most {api.MAX_CAMERA_MODEL} characters",
+    ),
+    "callback": (
+        lambda value: len(value) <= api.MAX_CALLBACK,
+        f"callback must be at most {api.MAX_CALLBACK} characters",
+    ),
     "retain_original_video": (_is_boolean, "retain_original_video must be true or false"),
 }
 
 
-def _upload_problem(fields: _Fields, files: dict[str, list[_FilePart]], max_file_bytes: int) -> str | None:
+def _upload_problem(fields: _Fields, files: dict[str, list[_FilePart]], max_file_bytes: int) -> tuple[str, str] | None:
+    """What is wrong with an upload, if anything: the answer's name ("invalid" or "media") and the detail."""
     if "file" in fields:
-        return "file must be sent as a file part, with a filename"
+        return "invalid", "file must be sent as a file part, with a filename"
     strays = sorted(set(files) - {"file"})
     if strays:
-        return f"unexpected file part(s) {', '.join(strays)}: only 'file' may carry a file"
+        return "invalid", f"unexpected file part(s) {', '.join(strays)}: only 'file' may carry a file"
     parts = files.get("file", [])
     if not parts:
-        return "file is required"
+        return "invalid", "file is required"
     if len(parts) > 1:
-        return "exactly one file part is allowed"
+        return "invalid", "exactly one file part is allowed"
     part = parts[0]
-    if os.path.splitext(part.filename)[1].lower() not in ALLOWED_EXTENSIONS:
-        return f"file extension must be one of {', '.join(ALLOWED_EXTENSIONS)} (got {part.filename!r})"
+    if os.path.splitext(part.filename)[1].lower() not in api.VIDEO_EXTENSIONS:
+        return "media", f"file extension must be one of {', '.join(api.VIDEO_EXTENSIONS)} (got {part.filename!r})"
     if not part.content_type.lower().startswith("video/"):
-        return f"file Content-Type must start with video/ (got {part.content_type!r})"
+        return "media", f"file Content-Type must start with video/ (got {part.content_type!r})"
     if part.size == 0:
-        return "file must not be empty"
+        return "invalid", "file must not be empty"
     if part.size > max_file_bytes:
-        return f"file must be at most {max_file_bytes} bytes (got {part.size})"
-    if len(fields.get("tags", [])) > MAX_TAGS:
-        return f"at most {MAX_TAGS} tags are allowed"
+        return "invalid", f"file must be at most {max_file_bytes} bytes (got {part.size})"
+    if len(fields.get("tags", [])) > api.MAX_TAGS:
+        return "invalid", f"at most {api.MAX_TAGS} tags are allowed"
     for name, (is_valid, problem) in _FIELD_RULES.items():
         if not all(is_valid(value) for value in fields.get(name, [])):
-            return problem
+            return "invalid", problem
     return None
-
-
-def _server_error(status: int, html: bool) -> _Answer:
-    if not html:
-        return _api_answer("9999", "Internal error", http_status=status)
-    title = f"{status} {http.HTTPStatus(status).phrase}"
-    body = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
-    return _Answer(status, None, body.encode(), content_type="text/html")
 
 
 def _positive_int(value: Any) -> int | None:
@@ -355,6 +392,24 @@ def _request_logger() -> FilteringBoundLogger:
     return logger
 
 
+class _Trickle:
+    """A request body read at no more than `bytes_per_second`: a slow uplink, as the server sees it."""
+
+    def __init__(self, stream: IO[bytes], bytes_per_second: float, stopping: threading.Event) -> None:
+        self._stream = stream
+        self._rate = bytes_per_second
+        self._stopping = stopping
+        self._started = time.monotonic()
+        self._read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = max(1, int(self._rate / 10))
+        data = self._stream.read(chunk if size < 0 else min(size, chunk))
+        self._read += len(data)
+        self._stopping.wait(max(0.0, self._started + self._read / self._rate - time.monotonic()))
+        return data
+
+
 class Sandbox:
     """The memories.ai upload and list endpoints on a local port, with injectable faults."""
 
@@ -364,17 +419,29 @@ class Sandbox:
         port: int = 0,
         *,
         api_key: str | None = None,
+        dialect: str = api.V1,
         rate_per_second: float = 1.0,
-        list_rate_per_second: float = 5.0,
+        list_rate_per_second: float = api.LIST_RATE_PER_SECOND,
         parse_seconds: float = 0.5,
         max_file_bytes: int = MAX_FILE_BYTES,
+        video_names: str = "internal",
+        failure_status: str = "PARSE_ERROR",
         log_requests: bool = False,
     ) -> None:
+        if dialect not in api.DIALECTS:
+            raise ValueError(f"unknown dialect {dialect!r}; known: {', '.join(api.DIALECTS)}")
+        if video_names not in VIDEO_NAMES:
+            raise ValueError(f"video_names is one of {', '.join(VIDEO_NAMES)}")
+        if failure_status not in api.PARSE_FAILURES:
+            raise ValueError(f"failure_status is one of {', '.join(sorted(api.PARSE_FAILURES))}")
         self._host = host
         self._port = port
         self._api_key = api_key
+        self.dialect = dialect
         self._parse_seconds = parse_seconds
         self._max_file_bytes = max_file_bytes
+        self._video_names = video_names
+        self._failure_status = failure_status
         self._request_log = _request_logger() if log_requests else None
         self._lock = threading.Lock()
         self._upload_window = _SlidingWindow(rate_per_second)
@@ -384,6 +451,7 @@ class Sandbox:
         self._parse_failures: collections.deque[str] = collections.deque()
         self._videos: dict[str, _StoredVideo] = {}
         self._requests: list[RequestRecord] = []
+        self._list_queries: list[dict[str, Any]] = []
         self._parse_timers: dict[str, threading.Timer] = {}
         # Random start, so numbers from a restarted sandbox do not collide with earlier ones.
         self._video_numbers = itertools.count(random.randrange(10**17, 9 * 10**17))
@@ -423,6 +491,7 @@ class Sandbox:
             self._parse_timers.clear()
         for timer in timers:
             timer.cancel()
+        server.server_close()
         self._server = self._thread = None
 
     def __enter__(self) -> Sandbox:
@@ -443,8 +512,14 @@ class Sandbox:
             return [stored.video for stored in self._videos.values()]
 
     def requests(self) -> list[RequestRecord]:
+        """Every upload request, in the order of arrival."""
         with self._lock:
             return sorted(self._requests, key=lambda record: record.arrived_at)
+
+    def list_queries(self) -> list[dict[str, Any]]:
+        """The body of every list_videos request, in the order of arrival."""
+        with self._lock:
+            return list(self._list_queries)
 
     def inject(self, fault: str, times: int = 1, **params: Any) -> None:
         if fault not in FAULT_PARAMS:
@@ -452,6 +527,8 @@ class Sandbox:
         unknown = set(params) - FAULT_PARAMS[fault]
         if unknown:
             raise ValueError(f"fault {fault!r} takes no parameter(s) {', '.join(sorted(unknown))}")
+        if fault == "answer" and params.get("name") not in _CODES:
+            raise ValueError(f"answer name is one of {', '.join(_CODES)}")
         if times < 1:
             raise ValueError("times must be at least 1")
         with self._lock:
@@ -474,6 +551,18 @@ class Sandbox:
     def fail_next_parse(self, cause: str) -> None:
         with self._lock:
             self._parse_failures.append(cause)
+
+    def answer(self, name: str, detail: str | None = None, data: Any = None, *, headers: _Headers = ()) -> _Answer:
+        """One of the table's answers, in this sandbox's dialect; detail follows the vendor's text."""
+        code = _CODES[name]
+        text = code.text if detail is None else f"{code.text}: {detail}"
+        if self.dialect == api.V1:
+            wire_code: str | int = code.v1
+            status = code.v1_status
+        else:
+            wire_code, status = code.v2, code.v2_status or code.v2
+        body = json.dumps({"code": wire_code, "msg": text, "data": data}).encode()
+        return _Answer(status, str(wire_code), body, headers=headers)
 
     def _wsgi_app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         arrived_at = time.monotonic()
@@ -511,9 +600,9 @@ class Sandbox:
         handlers = {UPLOAD_PATH: self._handle_upload, LIST_PATH: self._handle_list}
         handler = handlers.get(path)
         if handler is None:
-            return _api_answer("0404", f"no such endpoint: {path}", http_status=404)
+            return self.answer("not_found", path)
         if method != "POST":
-            return _api_answer("0405", f"{method} is not allowed here", http_status=405, headers=(("Allow", "POST"),))
+            return self.answer("method", method, headers=(("Allow", "POST"),))
         return handler(environ, arrived_at)
 
     def _authorized(self, environ: WSGIEnvironment) -> bool:
@@ -533,11 +622,11 @@ class Sandbox:
 
     def _answer_upload(self, environ: WSGIEnvironment, stream: IO[bytes], within_rate: bool) -> _Answer:
         if not within_rate:
-            refusal = _RATE_LIMITED
+            refusal = self.answer("rate_limited")
         elif not self._authorized(environ):
-            refusal = _INVALID_KEY
+            refusal = self.answer("bad_key")
         elif self._account != "ok":
-            refusal = _ACCOUNT_ANSWERS[self._account]
+            refusal = self.answer(self._account)
         else:
             return self._receive(environ, stream)
         # Read the whole body first, so the client sees the answer rather than a broken pipe.
@@ -556,43 +645,58 @@ class Sandbox:
                 answer = self._answer_upload(environ, stream, within_rate=True)
             else:
                 _drain(stream)
-                answer = _server_error(504, html=False)
+                answer = self.answer("server_error", "gateway timeout")
+                answer = dataclasses.replace(answer, http_status=504)
             return dataclasses.replace(answer, stall_seconds=float(params.get("seconds", 10.0)))
+        if fault.name == "trickle":
+            slow = _Trickle(stream, float(params.get("bytes_per_second", 64 * 1024)), self._stopping)
+            return self._answer_upload(environ, cast(IO[bytes], slow), within_rate=True)
+        if fault.name == "answer" and params.get("landed", False):
+            accepted = self._answer_upload(environ, stream, within_rate=True)
+            return dataclasses.replace(self.answer(str(params["name"])), file=accepted.file)
         _drain(stream)
         if fault.name == "rate_limit":
             retry_after = params.get("retry_after")
             headers = (("Retry-After", str(retry_after)),) if retry_after is not None else ()
-            return dataclasses.replace(_RATE_LIMITED, http_status=int(params.get("http_status", 200)), headers=headers)
+            limited = self.answer("rate_limited", headers=headers)
+            if self.dialect == api.V1:
+                limited = dataclasses.replace(limited, http_status=int(params.get("http_status", 200)))
+            return limited
         if fault.name == "server_error":
             return _server_error(int(params.get("status", 500)), bool(params.get("html", False)))
         if fault.name == "invalid_field":
-            return _invalid(str(params.get("msg", "invalid field")))
-        return _ACCOUNT_ANSWERS[fault.name]
+            return self.answer("invalid", str(params.get("msg", "invalid field")))
+        if fault.name == "answer":
+            return self.answer(str(params["name"]))
+        return self.answer(fault.name)
 
     def _receive(self, environ: WSGIEnvironment, stream: IO[bytes]) -> _Answer:
         try:
             fields, files = _parse_form(environ, stream)
         except _InvalidUpload as invalid:
             _drain(stream)
-            return _invalid(str(invalid))
+            return self.answer("invalid", str(invalid))
         _drain(stream)
         problem = _upload_problem(fields, files, self._max_file_bytes)
         file = files["file"][0] if files.get("file") else None
         if problem is not None or file is None:
-            return dataclasses.replace(_invalid(problem or "file is required"), file=file)
+            name, detail = problem or ("invalid", "file is required")
+            return dataclasses.replace(self.answer(name, detail), file=file)
         video = self._accept(file, fields)
         data = {
             "videoNo": video.video_no,
-            "videoName": uuid.uuid4().hex,
-            "videoStatus": "UNPARSE",
+            "videoName": video.video_name,
+            "videoStatus": api.NOT_PARSED,
             "uploadTime": str(int(video.received_at * 1000)),
         }
-        return dataclasses.replace(_api_answer("0000", "success", data), file=file)
+        return dataclasses.replace(self.answer("success", data=data), file=file)
 
     def _accept(self, file: _FilePart, fields: _Fields) -> ReceivedVideo:
+        stem = os.path.splitext(file.filename)[0]
         with self._lock:
             video = ReceivedVideo(
                 video_no=f"VI{next(self._video_numbers):018d}",
+                video_name=stem if self._video_names == "stem" else uuid.uuid4().hex,
                 filename=file.filename,
                 content_type=file.content_type,
                 size=file.size,
@@ -609,7 +713,7 @@ class Sandbox:
         return video
 
     def _finish_parsing(self, video_no: str, failure_cause: str | None) -> None:
-        status = "PARSE" if failure_cause is None else "FAILED"
+        status = api.PARSED if failure_cause is None else self._failure_status
         with self._lock:
             self._parse_timers.pop(video_no, None)
             stored = self._videos[video_no]
@@ -629,46 +733,95 @@ class Sandbox:
         with self._lock:
             within_rate = self._list_window.admit(arrived_at)
         if not within_rate:
-            return _RATE_LIMITED
+            return self.answer("rate_limited")
         if not self._authorized(environ) or self._account == "bad_key":
-            return _INVALID_KEY
+            return self.answer("bad_key")
         try:
             query = json.loads(raw or b"{}")
         except ValueError:
-            return _invalid("the body must be a JSON object")
+            return self.answer("invalid", "the body must be a JSON object")
         if not isinstance(query, dict) or len(raw) > _MAX_LIST_BODY_BYTES:
-            return _invalid(f"the body must be a JSON object of at most {_MAX_LIST_BODY_BYTES} bytes")
+            return self.answer("invalid", f"the body must be a JSON object of at most {_MAX_LIST_BODY_BYTES} bytes")
+        with self._lock:
+            self._list_queries.append(query)
         page, size = _positive_int(query.get("page", 1)), _positive_int(query.get("size", 20))
         if page is None or size is None:
-            return _invalid("page and size must be positive integers")
-        filters = {name: query.get(name) for name in ("video_no", "unique_id", "status")}
+            return self.answer("invalid", "page and size must be positive integers")
+        video_nos = query.get("video_nos")
+        if video_nos is not None and (
+            not isinstance(video_nos, list)
+            or len(video_nos) > api.MAX_VIDEO_NOS
+            or not all(isinstance(number, str) for number in video_nos)
+        ):
+            return self.answer("invalid", f"video_nos must be a list of at most {api.MAX_VIDEO_NOS} videoNos")
         with self._lock:
             listed = [_listed(stored) for stored in reversed(self._videos.values())]
-        matching = [
-            entry
-            for entry in listed
-            if all(wanted in (None, "") or entry[name] == wanted for name, wanted in filters.items())
-        ]
+        matching = [entry for entry in listed if _matches(entry, query)]
         videos = matching[(page - 1) * size : page * size]
         data = {"videos": videos, "total_count": str(len(matching)), "current_page": page}
-        return _api_answer("0000", "success", data)
+        return self.answer("success", data=data)
+
+
+def _matches(entry: dict[str, Any], query: dict[str, Any]) -> bool:
+    """Whether a listed video passes the query's filters; without a unique_id, the scope is `default`."""
+    if entry["unique_id"] != (query.get("unique_id") or api.DEFAULT_SCOPE):
+        return False
+    for name in ("video_no", "status"):
+        if query.get(name) not in (None, "") and entry[name] != query[name]:
+            return False
+    if query.get("video_nos") is not None and entry["video_no"] not in query["video_nos"]:
+        return False
+    return query.get("tag") in (None, "") or query["tag"] in entry.get("tags", ())
 
 
 def _listed(stored: _StoredVideo) -> dict[str, Any]:
     video = stored.video
-    return {
+    entry: dict[str, Any] = {
         "video_no": video.video_no,
-        "video_name": video.filename,
+        "video_name": video.video_name,
         "status": stored.status,
-        "cause": stored.cause,
+        "cause": stored.cause or "null",
         "size": str(video.size),
         "duration": "0",
         "create_time": str(int(video.received_at * 1000)),
-        "unique_id": video.unique_id,
+        "unique_id": video.scope,
     }
+    # Tags are listed once a video is parsed, not before.
+    if stored.status != api.NOT_PARSED:
+        entry["tags"] = [*video.tags, API_TAG]
+    return entry
 
 
-def serve(host: str, port: int, api_key: str | None) -> None:
+def _server_error(status: int, html: bool) -> _Answer:
+    """A 5xx with a JSON body of the sandbox's own, or the HTML page a proxy in front would send."""
+    if not html:
+        body = json.dumps({"code": "S500", "msg": "Internal server error", "data": None}).encode()
+        return _Answer(status, "S500", body)
+    title = f"{status} {http.HTTPStatus(status).phrase}"
+    page = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
+    return _Answer(status, None, page.encode(), content_type="text/html")
+
+
+def parse_rate(text: str) -> float:
+    """An account's upload rate, per second: "1/s", "1/60s", "2/min", "1/h", or a number of uploads per second."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?)?\s*(s|sec|min|h))?\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a rate such as 1/s, 1/60s, 2/min or 0.5")
+    count, span, unit = float(match[1]), float(match[2] or 1), match[3] or "s"
+    seconds = span * {"s": 1, "sec": 1, "min": 60, "h": 3600}[unit]
+    if count <= 0:
+        raise ValueError(f"{text!r} allows no uploads at all")
+    return count / seconds
+
+
+def serve(
+    host: str,
+    port: int,
+    api_key: str | None,
+    *,
+    dialect: str = api.V1,
+    rate_per_second: float = 1.0,
+) -> None:
     """Run the sandbox in the foreground until Ctrl-C or SIGTERM."""
     stop_requested = threading.Event()
 
@@ -677,8 +830,16 @@ def serve(host: str, port: int, api_key: str | None) -> None:
 
     previous_handler = signal.signal(signal.SIGTERM, request_stop)
     try:
-        with Sandbox(host, port, api_key=api_key, log_requests=True) as sandbox:
-            _request_logger().info("sandbox_listening", url=sandbox.url, api_key_required=api_key is not None)
+        with Sandbox(
+            host, port, api_key=api_key, dialect=dialect, rate_per_second=rate_per_second, log_requests=True
+        ) as sandbox:
+            _request_logger().info(
+                "sandbox_listening",
+                url=sandbox.url,
+                dialect=dialect,
+                uploads_per_second=rate_per_second,
+                api_key_required=api_key is not None,
+            )
             with contextlib.suppress(KeyboardInterrupt):
                 stop_requested.wait()
     finally:

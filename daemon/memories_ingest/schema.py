@@ -118,6 +118,10 @@ class LedgerError(Exception):
     """The ledger cannot be opened or written; the message says what to fix."""
 
 
+class LedgerLocationError(LedgerError):
+    """The ledger cannot be made where the config puts it: a problem of the config, not of the ledger."""
+
+
 @dataclass(frozen=True)
 class Row:
     id: int
@@ -168,12 +172,23 @@ class Row:
 
 @dataclass(frozen=True)
 class Pause:
-    """Why every upload waits, and when the daemon next tries."""
+    """Why every upload waits, and when the daemon next tries.
+
+    kind is `account` (the account refused uploads; cause says why) or `indexing_window`. key_id is the
+    fingerprint of the key that was refused, so that a new key lifts a pause the old one caused.
+    """
 
     reason: str
     since: float
     until: float
     kind: str
+    cause: str | None = None
+    key_id: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Pause:
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in known})
 
 
 def key(path: Path | str) -> bytes:

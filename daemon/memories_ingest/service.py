@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import sqlite3
 import threading
@@ -13,17 +14,38 @@ import structlog
 from . import prober
 from .config import Config, ConfigError
 from .finisher import Finisher
-from .indexer import ACCEPT_WAIT_SECONDS, MAX_PAGES, CallbackListener, Indexer
+from .indexer import ACCEPT_WAIT_SECONDS, IDLE_SECONDS, CallbackListener, Indexer, callback_token, callback_url
 from .ledger import Ledger
 from .monitor import STATUS_SECONDS, Metrics, MonitorServer, Notifier, status_line
-from .uploader import RATE_LIMIT_POLICY, Client, Gate, RateLimiter, RetryPolicy
+from .pacing import Gate, Pacer, RetryPolicy
+from .uploader import Client
 from .watcher import Recorder, Watcher
 from .worker import FILE_RETRY_POLICY, Scanner, Settler, UploadWorker, Worker
 
 log = structlog.get_logger()
 
-EXIT_PAUSED = 75
-EXIT_LEDGER = 74
+
+class Exit(enum.IntEnum):
+    """Every exit code of the `memories-ingest` command, as sysexits(3) names them where one fits."""
+
+    OK = 0
+    # probe: the file would be rejected; upload: a file was not uploaded.
+    NOT_UPLOADED = 1
+    USAGE = 2
+    # The ledger cannot be opened, or (check --online) the API cannot be reached.
+    UNAVAILABLE = 69
+    # Another daemon holds this ledger.
+    LEDGER_HELD = 73
+    # The ledger cannot be written: the disk is full, read-only or gone.
+    LEDGER_WRITE = 74
+    # The account refuses uploads (run --once, upload).
+    PAUSED = 75
+    # check --online: the API refused the key.
+    KEY_REFUSED = 77
+    # A bad config, or no usable API key.
+    CONFIG = 78
+
+
 # How long a worker may show no sign of life beyond the longest wait its config allows: room for a slow disk,
 # a ledger busy in another process, a loaded host.
 STALL_MARGIN_SECONDS = 120.0
@@ -31,6 +53,17 @@ STALL_MARGIN_SECONDS = 120.0
 SCAN_SECONDS = 3600.0
 # The main loop runs five times a second; this long without it, supervision and the watchdog have stopped.
 MAIN_LOOP_SECONDS = 60.0
+
+
+class Signals:
+    """What the signal handlers ask of the daemon: plain counters that a handler bumps without taking a lock.
+
+    The daemon's main loop reads them several times a second.
+    """
+
+    def __init__(self) -> None:
+        self.stops = 0
+        self.reloads = 0
 
 
 class Daemon:
@@ -49,13 +82,14 @@ class Daemon:
         once: bool = False,
         grace_seconds: float = 20.0,
         policy: RetryPolicy = FILE_RETRY_POLICY,
-        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
         clock: Callable[[], float] = time.time,
         loader: Callable[[], Config] | None = None,
+        signals: Signals | None = None,
     ) -> None:
         self.config = config
         self.loader = loader
-        self.reload_requested = threading.Event()
+        self.signals = signals or Signals()
+        self._reloads_seen = self.signals.reloads
         self.reloaded: Config | None = None
         self.ledger = ledger
         self.client = client
@@ -66,38 +100,52 @@ class Daemon:
         self.wake = threading.Event()
         self.uploads_ready = threading.Event()
         self.actions_ready = threading.Event()
-        self.gate = Gate(ledger, config.upload.account_check_seconds, rate_limit_policy, clock)
+        self.gate = Gate(
+            ledger, account_check_seconds=config.upload.account_check_seconds, key_id=client.key_id, clock=clock
+        )
+        self.pacer = Pacer(ledger, config.upload.rate_per_second)
         self.recorder = Recorder(config, ledger, self.wake)
         self.watcher = None if once else Watcher(config, self.recorder, lambda path: self.scanner.request(path))
         self.scanner = Scanner(self.stop, config, self.recorder, self.watcher)
         self.settler = Settler(
             self.stop, config, ledger, self.wake, self.uploads_ready, clock, actions_ready=self.actions_ready
         )
-        limiter = RateLimiter(config.upload.rate_per_second)
         self.metrics = Metrics()
+        public_url = config.indexing.public_url
+        self.callback_url = callback_url(public_url, callback_token(ledger)) if public_url else None
         self.uploaders = [
             UploadWorker(
-                self.stop,
-                n,
-                config,
-                ledger,
-                client,
-                limiter,
-                self.gate,
-                self.uploads_ready,
-                self.abandon,
-                policy,
-                clock,
-                metrics=self.metrics,
+                stop=self.stop,
+                number=n,
+                config=config,
+                ledger=ledger,
+                client=client,
+                pacer=self.pacer,
+                gate=self.gate,
+                uploads_ready=self.uploads_ready,
                 actions_ready=self.actions_ready,
+                abandon=self.abandon,
+                metrics=self.metrics,
+                callback_url=self.callback_url,
+                policy=policy,
+                clock=clock,
             )
             for n in range(1, config.upload.workers + 1)
         ]
         self.finisher = Finisher(self.stop, config, ledger, self.actions_ready, clock=clock)
-        poll_seconds = config.indexing.poll_seconds
-        self.indexer = Indexer(self.stop, ledger, client, poll_seconds) if poll_seconds else None
-        listen = config.indexing.listen
-        self.callbacks = CallbackListener(self.stop, ledger, client, listen) if listen else None
+        poll_seconds, listen = config.indexing.poll_seconds, config.indexing.listen
+        self.indexer = (
+            Indexer(stop=self.stop, ledger=ledger, client=client, poll_seconds=poll_seconds)
+            if poll_seconds or listen
+            else None
+        )
+        self.callbacks = (
+            CallbackListener(
+                stop=self.stop, ledger=ledger, indexer=self.indexer, listen=listen, token=callback_token(ledger)
+            )
+            if listen and self.indexer is not None
+            else None
+        )
         self.workers: list[Worker] = [
             self.scanner,
             self.settler,
@@ -109,17 +157,16 @@ class Daemon:
         self.notifier = Notifier()
         self.monitor = MonitorServer(config, ledger, self.metrics, self.health) if config.monitor.listen else None
         # Each worker's longest healthy quiet spell: a whole rescan interval and a scan for the scanner, one
-        # probe for the settler, a rate-limiter slot and one request's timeouts for an uploader.
-        upload_quiet = len(self.uploaders) / config.upload.rate_per_second + sum(client.upload_timeout)
+        # probe for the settler, one request's timeouts for an uploader (its wait for a slot is a sign of life).
+        upload_quiet = sum(client.upload_timeout)
         self.allowances = {
             self.scanner.name: config.watch.rescan_seconds + SCAN_SECONDS + STALL_MARGIN_SECONDS,
             self.settler.name: config.upload.probe_timeout_seconds + STALL_MARGIN_SECONDS,
             **{uploader.name: upload_quiet + STALL_MARGIN_SECONDS for uploader in self.uploaders},
             # A move to another filesystem copies up to 3 GiB in one loop.
             self.finisher.name: SCAN_SECONDS + STALL_MARGIN_SECONDS,
-            "indexer": (poll_seconds or 0)
-            + (len(config.folders) + 1) * (MAX_PAGES / 4 + sum(client.timeout))
-            + STALL_MARGIN_SECONDS,
+            # Each list_videos call is a sign of life, however many a poll makes.
+            "indexer": IDLE_SECONDS + 1 / client.list_limiter.rate + sum(client.timeout) + STALL_MARGIN_SECONDS,
             "callbacks": ACCEPT_WAIT_SECONDS + STALL_MARGIN_SECONDS,
         }
         self.progress_seen: dict[str, float] = {}
@@ -132,19 +179,24 @@ class Daemon:
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the first call is a warm stop, the next abandons uploads in flight."""
-        if self.stop.is_set():
-            self.abandon.set()
+        self.signals.stops += 1
+
+    def request_reload(self) -> None:
+        """Safe from a signal handler: the main loop checks the new config, then switches or keeps the old."""
+        self.signals.reloads += 1
+
+    def _stop_workers(self) -> None:
         self.stop.set()
         self.wake.set()
         self.uploads_ready.set()
         self.actions_ready.set()
         self.scanner.request(None)
 
-    def request_reload(self) -> None:
-        """Safe from a signal handler: the main loop checks the new config, then switches or keeps the old."""
-        self.reload_requested.set()
-
     def start(self) -> None:
+        pause = self.ledger.pause()
+        if pause is not None and pause.cause in ("key", "permission") and pause.key_id != self.client.key_id:
+            self.ledger.clear_pause()
+            log.warning("a different API key: the pause its predecessor caused is lifted", was=pause.reason)
         requeued = self.ledger.requeue_interrupted()
         if requeued:
             log.warning("uploads interrupted by the last shutdown go back to the queue", rows=requeued)
@@ -174,20 +226,20 @@ class Daemon:
         self.start()
         log.info("started", folders=len(self.config.folders), once=self.once, workers=len(self.uploaders))
         self.notifier.ready(self.status_summary() or "started")
-        code = 0
-        while not self.stop.wait(0.2):
+        code = Exit.OK
+        while not self.stop.wait(0.2) and not self.signals.stops:
             self.main_loop_at = time.monotonic()
             if self.watcher is not None:
                 self.watcher.supervise()
             self.report()
-            if self.reload_requested.is_set() and self.reload():
+            if self.signals.reloads != self._reloads_seen and self.reload():
                 break
             if not self.once:
                 continue
             pause = self.gate.pause
             if pause is not None and pause.kind == "account":
                 log.error("stopping: uploads are paused", reason=pause.reason)
-                code = EXIT_PAUSED
+                code = Exit.PAUSED
                 break
             if self.idle():
                 break
@@ -195,12 +247,12 @@ class Daemon:
         fatal = next((worker.fatal for worker in self.workers if worker.fatal), None)
         if fatal is not None:
             log.error("stopping: the ledger cannot be written; nothing was lost", error=str(fatal))
-            return EXIT_LEDGER
+            return Exit.LEDGER_WRITE
         return code
 
     def reload(self) -> bool:
         """Check the config file again: True to restart with the new one, False to keep running with the old."""
-        self.reload_requested.clear()
+        self._reloads_seen = self.signals.reloads
         if self.loader is None:
             return False
         try:
@@ -245,8 +297,8 @@ class Daemon:
         if worker is self.settler:
             # One pass over many pending files is one loop: each file it settles moves the ledger's counts.
             signs.append(self.ledger_moved_at)
-        if isinstance(worker, UploadWorker) and self.gate.pause is not None:
-            # A pause holds every uploader inside one loop for as long as it lasts.
+        if isinstance(worker, UploadWorker) and (worker.waiting.is_set() or self.gate.pause is not None):
+            # A pause, or a slow learned pace, holds an uploader inside one loop for as long as it lasts.
             signs.append(now)
         return max(signs)
 
@@ -284,15 +336,16 @@ class Daemon:
         return list(dict.fromkeys(problems))
 
     def shutdown(self) -> None:
+        """A warm stop: uploads in flight may finish within the grace; a second request, or its end, abandons them."""
         self.notifier.stopping()
-        self.request_stop()
+        self._stop_workers()
         if self.watcher is not None:
             self.watcher.stop()
         deadline = time.monotonic() + self.grace_seconds
         for thread in self.threads:
             while thread.is_alive() and not self.abandon.is_set():
-                thread.join(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-                if time.monotonic() >= deadline:
+                thread.join(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline or self.signals.stops > 1:
                     self.abandon.set()
             thread.join(timeout=2)
         if self.monitor is not None:

@@ -6,34 +6,36 @@ an exception message: requests puts the URL in its errors, never the headers.
 
 from __future__ import annotations
 
-import email.utils
+import contextvars
 import hashlib
 import os
-import random
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 import requests
 import structlog
+import urllib3
 from requests.adapters import HTTPAdapter
 from requests_toolbelt import MultipartEncoder
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
-from .config import Folder
-from .ledger import Ledger, Pause, Row
+from . import api
+from .api import Outcome, classify
+from .config import Folder, key_fingerprint
+from .ledger import Row
+from .pacing import RateLimiter
 
 log = structlog.get_logger()
 
 READ_BLOCK = 1 << 20
 FINGERPRINT_SAMPLE = 1 << 20
-INDEXING_WINDOW_SECONDS = 2 * 3600
-
-Kind = Literal["uploaded", "rate_limited", "transient", "account", "refused", "unrecognised"]
+# list_videos allows 5 requests per second; one less leaves room for another process on the same key.
+LIST_RATE_PER_SECOND = api.LIST_RATE_PER_SECOND - 1
 
 
 class FileChanged(Exception):
@@ -42,32 +44,6 @@ class FileChanged(Exception):
 
 class Abandoned(Exception):
     """The daemon is shutting down and gave up this upload before its end."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    kind: Kind
-    message: str
-    video_no: str | None = None
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter: base * factor**(n-1), at most cap, spread by +-jitter."""
-
-    base: float = 5.0
-    factor: float = 2.0
-    cap: float = 1800.0
-    jitter: float = 0.2
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        exponent = min(max(attempt - 1, 0), 60)
-        raw = min(self.cap, self.base * self.factor**exponent)
-        return max(0.0, raw * (1 + self.jitter * (2 * rng() - 1)))
-
-
-RATE_LIMIT_POLICY = RetryPolicy(base=2.0, factor=2.0, cap=120.0, jitter=0.3)
 
 
 def fingerprint(fd: int, size: int) -> str:
@@ -79,37 +55,53 @@ def fingerprint(fd: int, size: int) -> str:
     return digest.hexdigest()
 
 
-class RateLimiter:
-    """Evenly spaced requests, a token bucket with a burst of one, shared by every worker.
+# What to do once the connection is open, just before the request line goes out: wait for the upload's slot.
+_before_send: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("before_send", default=None)
 
-    A burst-then-refill bucket would let `rate` requests go out back to back and break the server's
-    sliding one-second window; spacing every request by 1/rate (plus a hair, for scheduling jitter)
-    never does.
+
+class _SlotBeforeSend:
+    """A connection that runs the caller's before_send once it is connected, right before sending the request.
+
+    Connecting takes a variable time (a handshake, TLS); waiting for the slot after it means the server sees
+    requests as far apart as their slots are.
     """
 
-    MARGIN = 0.015
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        connection: urllib3.connection.HTTPConnection = self  # type: ignore[assignment]
+        before_send = _before_send.get()
+        if before_send is not None:
+            _before_send.set(None)
+            if connection.sock is None:
+                connection.connect()
+            before_send()
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
-    def __init__(self, rate_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = (1.0 + self.MARGIN) / rate_per_second
-        self.clock = clock
-        self._next = 0.0
-        self._lock = threading.Lock()
 
-    def acquire(self, stop: threading.Event) -> bool:
-        """Wait for this request's slot. False when stop was set first; the slot is then given back."""
-        with self._lock:
-            now = self.clock()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        while True:
-            wait = slot - self.clock()
-            if wait <= 0:
-                return True
-            if stop.wait(wait):
-                with self._lock:
-                    if self._next == slot + self.interval:
-                        self._next = slot
-                return False
+class _SlottedHTTPConnection(_SlotBeforeSend, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _SlottedHTTPSConnection(_SlotBeforeSend, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _SlottedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _SlottedHTTPConnection
+
+
+class _SlottedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _SlottedHTTPSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """No retries inside urllib3 (a consumed body must never be re-sent), and connections that take slots."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retries=Retry(total=0, connect=0, read=0, redirect=0, status=0))
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _SlottedHTTPPool, "https": _SlottedHTTPSPool}
 
 
 class SnapshotReader:
@@ -186,67 +178,6 @@ class _BlockReader:
         return block
 
 
-ACCOUNT_PATTERNS = (
-    (
-        "the API key was refused",
-        re.compile(r"api[ _-]?key|apikey|unauthori[sz]ed|forbidden|token|auth", re.I),
-    ),
-    (
-        "the account's balance is insufficient",
-        re.compile(r"balance|credit|recharge|quota|arrear|payment", re.I),
-    ),
-    (
-        "the account reached its indexing cap",
-        re.compile(r"index|pars(e|ing)|concurren|in progress|unparsed", re.I),
-    ),
-)
-FIELD_PATTERNS = re.compile(
-    r"invalid|must|format|exceed|too (long|many|large)|not (allowed|supported)|empty|unsupported|"
-    r"extension|content.type|length|tags?\b|latitude|longitude|datetime|callback|camera|unique",
-    re.I,
-)
-
-
-def _retry_after(value: str | None, now: float) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
-def classify(status: int, body: Any, headers: Any, now: float | None = None) -> Outcome:
-    """What an answer means for the file and for the account, from the HTTP status and code/msg."""
-    now = time.time() if now is None else now
-    retry_after = _retry_after(headers.get("Retry-After"), now)
-    code = str(body.get("code")) if isinstance(body, dict) and "code" in body else None
-    message = str(body.get("msg") or "") if isinstance(body, dict) else ""
-    seen = f"HTTP {status}" + (f", code {code}" if code else "") + (f": {message}" if message else "")
-    if code == "0000" and status == 200:
-        data = body.get("data") or {}
-        video_no = data.get("videoNo") if isinstance(data, dict) else None
-        if video_no:
-            return Outcome("uploaded", "success", video_no=str(video_no))
-        return Outcome("transient", f"{seen}, but no videoNo in the answer")
-    if code == "0429" or status == 429:
-        return Outcome("rate_limited", seen, retry_after=retry_after)
-    if status in (401, 403):
-        return Outcome("account", f"the API key was refused ({seen})", retry_after=retry_after)
-    if status >= 500 or status in (408, 425) or (code is None and status != 413):
-        return Outcome("transient", seen, retry_after=retry_after)
-    for reason, pattern in ACCOUNT_PATTERNS:
-        if pattern.search(message):
-            return Outcome("account", f"{reason} ({seen})", retry_after=retry_after)
-    if status == 413 or FIELD_PATTERNS.search(message):
-        return Outcome("refused", seen)
-    return Outcome("unrecognised", seen, retry_after=retry_after)
-
-
 class Client:
     """One HTTP session to the API. Every call has a timeout; urllib3 never re-sends a consumed body."""
 
@@ -258,10 +189,10 @@ class Client:
         connect_timeout: float = 10.0,
         read_timeout: float = 120.0,
         min_bytes_per_second: int = 32 * 1024,
-        list_rate_per_second: float = 4.0,
+        list_rate_per_second: float = LIST_RATE_PER_SECOND,
     ) -> None:
-        self.upload_url = f"{base_url}/serve/api/v1/upload"
-        self.list_url = f"{base_url}/serve/api/v1/list_videos"
+        self.upload_url = base_url + api.UPLOAD_PATH
+        self.list_url = base_url + api.LIST_PATH
         self.timeout = (connect_timeout, read_timeout)
         # urllib3 sends the body under the connect timeout, and each 1 MiB block must go out within it:
         # so this is also the upload's minimum throughput, and a stalled server is given up on.
@@ -270,9 +201,10 @@ class Client:
         self.closing = threading.Event()
         self.session = requests.Session()
         self.session.trust_env = False
-        adapter = HTTPAdapter(max_retries=Retry(total=0, connect=0, read=0, redirect=0, status=0))
+        adapter = _Adapter()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self.key_id = key_fingerprint(api_key)
         self.session.headers["Authorization"] = api_key
         self.session.headers["User-Agent"] = "memories-ingest"
 
@@ -281,14 +213,28 @@ class Client:
         self.session.close()
 
     def list_videos(
-        self, *, unique_id: str | None, page: int = 1, size: int = 100, video_no: str | None = None
+        self,
+        *,
+        unique_id: str | None,
+        page: int = 1,
+        size: int = api.LIST_PAGE_SIZE,
+        video_no: str | None = None,
+        video_nos: Sequence[str] | None = None,
+        tag: str | None = None,
     ) -> list[ListedVideo]:
-        """One page of the account's videos, newest first; raises ListFailed on any unusable answer."""
+        """One page of a scope's videos, newest first; raises ListFailed on any unusable answer.
+
+        unique_id None is the scope `default`, where uploads without a unique_id go.
+        """
         query: dict[str, Any] = {"page": page, "size": size}
         if unique_id:
             query["unique_id"] = unique_id
         if video_no:
             query["video_no"] = video_no
+        if video_nos is not None:
+            query["video_nos"] = list(video_nos)
+        if tag:
+            query["tag"] = tag
         if not self.list_limiter.acquire(self.closing):
             raise ListFailed("shutting down")
         try:
@@ -298,9 +244,9 @@ class Client:
             raise ListFailed(f"list_videos failed: {_reason(error)}") from None
         except ValueError:
             raise ListFailed(f"list_videos answered HTTP {response.status_code} without JSON") from None
-        if not isinstance(body, dict) or body.get("code") != "0000":
-            code = body.get("code") if isinstance(body, dict) else None
-            raise ListFailed(f"list_videos answered HTTP {response.status_code}, code {code}")
+        if not api.listing_succeeded(body):
+            outcome = classify(response.status_code, body, response.headers)
+            raise ListFailed(f"list_videos was refused: {outcome.reason}", outcome)
         videos = (body.get("data") or {}).get("videos") or []
         return [_listed(item) for item in videos if isinstance(item, dict)]
 
@@ -324,7 +270,8 @@ class Client:
             oldest = min((v.created_at for v in videos if v.created_at is not None), default=None)
             if not videos or (oldest is not None and oldest < window_start):
                 break
-        named = [v for v in candidates if v.name == name]
+        stem = os.path.splitext(name)[0]
+        named = [v for v in candidates if v.name == stem]
         best = named or candidates
         return best[0] if best else None
 
@@ -334,9 +281,15 @@ class Client:
         filename: str,
         content_type: str,
         fields: Sequence[tuple[str, str]],
+        *,
+        before_send: Callable[[], None] | None = None,
     ) -> Outcome:
-        """Stream one file; FileChanged and Abandoned pass through, network errors become transient."""
+        """Stream one file; FileChanged and Abandoned pass through, network errors become transient.
+
+        before_send runs once the connection is open, right before the request goes out: the pacer's slot.
+        """
         encoder = MultipartEncoder(fields=[*fields, ("file", (filename, reader, content_type))])
+        slot = _before_send.set(before_send)
         try:
             response = self.session.post(
                 self.upload_url,
@@ -351,6 +304,8 @@ class Client:
             return Outcome("transient", f"connection failed: {_reason(error)}")
         except requests.RequestException as error:
             return Outcome("transient", f"request failed: {_reason(error)}")
+        finally:
+            _before_send.reset(slot)
         with response:
             if 300 <= response.status_code < 400:
                 return Outcome(
@@ -366,7 +321,14 @@ class Client:
 
 
 class ListFailed(Exception):
-    """list_videos did not answer usefully; what is uncertain stays uncertain."""
+    """list_videos did not answer usefully; what is uncertain stays uncertain.
+
+    outcome is what the API said, when it answered at all.
+    """
+
+    def __init__(self, message: str, outcome: Outcome | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 @dataclass(frozen=True)
@@ -377,6 +339,8 @@ class ListedVideo:
     created_at: float | None
     status: str | None
     cause: str | None
+    # None until the video is parsed: the API lists tags only then.
+    tags: tuple[str, ...] | None = None
 
 
 def _listed(item: dict[str, Any]) -> ListedVideo:
@@ -388,6 +352,7 @@ def _listed(item: dict[str, Any]) -> ListedVideo:
 
     size = number("size")
     created = number("create_time")
+    tags = item.get("tags")
     return ListedVideo(
         video_no=str(item.get("video_no") or item.get("videoNo") or ""),
         name=item.get("video_name") or item.get("videoName"),
@@ -395,6 +360,7 @@ def _listed(item: dict[str, Any]) -> ListedVideo:
         created_at=None if created is None else created / 1000,
         status=item.get("status"),
         cause=item.get("cause"),
+        tags=tuple(str(tag) for tag in tags) if isinstance(tags, list) else None,
     )
 
 
@@ -414,8 +380,11 @@ def capture_time(row: Row) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def upload_fields(folder: Folder, row: Row) -> list[tuple[str, str]]:
-    """The form fields of one upload. ``folder.metadata`` says whose place and camera win: the folder's or file's."""
+def upload_fields(folder: Folder, row: Row, callback_url: str | None = None) -> list[tuple[str, str]]:
+    """The form fields of one upload. ``folder.metadata`` says whose place and camera win: the folder's or file's.
+
+    callback_url is the daemon's own listener, for folders that name no callback of their own.
+    """
     from .probe import MediaInfo
 
     from_file = MediaInfo.from_json(row.media) if row.media else None
@@ -440,109 +409,9 @@ def upload_fields(folder: Folder, row: Row) -> list[tuple[str, str]]:
         "latitude": latitude,
         "longitude": longitude,
         "video_transcription_prompt": folder.video_transcription_prompt,
-        "callback": folder.callback,
+        "callback": folder.callback or callback_url,
     }
     fields.extend((key, value) for key, value in optional.items() if value)
     if folder.retain_original_video is not None:
         fields.append(("retain_original_video", "true" if folder.retain_original_video else "false"))
     return fields
-
-
-class Gate:
-    """Whether uploads may go out now. Rate limits hold everyone briefly; account refusals pause for long.
-
-    The pause is kept in the ledger, so `status` in another process shows it and a restart honours it.
-    When a pause ends, one request goes out first as a probe; the rest wait for its answer.
-    """
-
-    def __init__(
-        self,
-        ledger: Ledger,
-        account_check_seconds: float,
-        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.ledger = ledger
-        self.account_check_seconds = account_check_seconds
-        self.rate_limit_policy = rate_limit_policy
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._pause: Pause | None = ledger.pause()
-        self._probing = False
-        self._rate_limit_streak = 0
-
-    @property
-    def pause(self) -> Pause | None:
-        return self._pause
-
-    def wait_open(self, stop: threading.Event) -> bool:
-        while not stop.is_set():
-            with self._lock:
-                pause = self._pause
-                if pause is None:
-                    return True
-                remaining = pause.until - self.clock()
-                if remaining <= 0 and not self._probing:
-                    self._probing = True
-                    return True
-            stop.wait(min(max(remaining, 0.05), 1.0))
-        return False
-
-    def _hold(self, kind: str, reason: str, seconds: float) -> None:
-        now = self.clock()
-        with self._lock:
-            since = self._pause.since if self._pause and self._pause.kind == kind else now
-            self._pause = Pause(reason=reason, since=since, until=now + seconds, kind=kind)
-            self._probing = False
-        self.ledger.set_pause(self._pause)
-
-    def rate_limited(self, outcome: Outcome) -> float:
-        with self._lock:
-            self._rate_limit_streak += 1
-            streak = self._rate_limit_streak
-        seconds = max(self.rate_limit_policy.delay(streak), outcome.retry_after or 0.0)
-        self._hold("rate_limit", f"rate limited by the server ({outcome.message})", seconds)
-        log.warning("rate limited: holding every upload", seconds=round(seconds, 1), streak=streak)
-        return seconds
-
-    def account_refused(self, outcome: Outcome) -> None:
-        seconds = max(self.account_check_seconds, outcome.retry_after or 0.0)
-        first = self._pause is None or self._pause.kind != "account"
-        self._hold("account", outcome.message, seconds)
-        log.error(
-            "UPLOADS PAUSED: the account refused an upload; no file is marked failed for this",
-            reason=outcome.message,
-            next_check_in_seconds=round(seconds),
-            first_refusal=first,
-        )
-
-    def answered(self) -> None:
-        """An upload got a normal answer: whatever paused uploads is over."""
-        with self._lock:
-            self._rate_limit_streak = 0
-            self._probing = False
-            was = self._pause
-            self._pause = None
-        if was is not None:
-            self.ledger.set_pause(None)
-            log.warning("uploads resumed", paused_for=was.reason, paused_seconds=round(self.clock() - was.since))
-
-    def indexing_window_full(self, limit: int | None) -> bool:
-        """Pause before the server's cap: `limit` uploads in the last two hours that are not indexed yet."""
-        if limit is None:
-            return False
-        now = self.clock()
-        recent = self.ledger.uploads_since(now - INDEXING_WINDOW_SECONDS)
-        if len(recent) < limit:
-            return False
-        frees_at = recent[len(recent) - limit] + INDEXING_WINDOW_SECONDS
-        reason = f"{len(recent)} uploads of the last 2 h may still be indexing; upload.max_indexing is {limit}"
-        first = self._pause is None or self._pause.kind != "indexing_window"
-        self._hold("indexing_window", reason, min(max(frees_at - now, 1.0), 60.0))
-        if first:
-            log.warning("uploads paused before the indexing cap", reason=reason)
-        return True
-
-    def release_probe(self) -> None:
-        with self._lock:
-            self._probing = False

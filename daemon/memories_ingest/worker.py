@@ -17,18 +17,16 @@ from pathlib import Path
 import structlog
 
 from . import probe
+from .api import Outcome
 from .config import Config, Folder
 from .ledger import Ledger, LedgerError, Row
 from .monitor import Metrics
+from .pacing import Access, Gate, Pacer, RetryPolicy
 from .uploader import (
     Abandoned,
     Client,
     FileChanged,
-    Gate,
     ListFailed,
-    Outcome,
-    RateLimiter,
-    RetryPolicy,
     SnapshotReader,
     fingerprint,
     upload_fields,
@@ -303,65 +301,121 @@ class Settler(Worker):
 
 
 class UploadWorker(Worker):
-    """Claims a due row, streams the file, and records what the answer means."""
+    """Claims a due row, streams the file at its slot, and records what the answer means."""
 
     def __init__(
         self,
+        *,
         stop: threading.Event,
         number: int,
         config: Config,
         ledger: Ledger,
         client: Client,
-        limiter: RateLimiter,
+        pacer: Pacer,
         gate: Gate,
         uploads_ready: threading.Event,
+        actions_ready: threading.Event,
         abandon: threading.Event,
+        metrics: Metrics,
+        callback_url: str | None = None,
         policy: RetryPolicy = FILE_RETRY_POLICY,
         clock: Callable[[], float] = time.time,
-        metrics: Metrics | None = None,
-        actions_ready: threading.Event | None = None,
     ) -> None:
         super().__init__(stop)
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics
+        self.callback_url = callback_url
         self.name = f"uploader-{number}"
         self.config = config
         self.ledger = ledger
         self.client = client
-        self.limiter = limiter
+        self.pacer = pacer
         self.gate = gate
         self.uploads_ready = uploads_ready
-        self.actions_ready = actions_ready or threading.Event()
+        self.actions_ready = actions_ready
         self.abandon = abandon
         self.policy = policy
         self.clock = clock
         self.busy = threading.Event()
+        # Set while the worker waits for its upload slot: at a slow pace that may be minutes, and healthy.
+        self.waiting = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
 
     def loop(self) -> None:
-        if not self.gate.wait_open(self.stop):
+        access = self.gate.wait_open(self.stop)
+        if access is Access.STOPPED:
             return
-        if self.gate.indexing_window_full(self.config.upload.max_indexing):
-            return
-        row = self.ledger.claim(folder.path for folder in self.config.folders)
-        if row is None:
-            self.gate.release_probe()
-            self.uploads_ready.wait(0.5)
-            self.uploads_ready.clear()
-            return
+        outcome: Outcome | None = None
+        try:
+            if self.gate.indexing_window_full(self.config.upload.max_indexing):
+                return
+            self.waiting.set()
+            try:
+                if not self.pacer.wait_turn(self.stop):
+                    return
+            finally:
+                self.waiting.clear()
+            row = self.ledger.claim(folder.path for folder in self.config.folders)
+            if row is None:
+                self.uploads_ready.wait(0.5)
+                self.uploads_ready.clear()
+                return
+            outcome = self.attempt(row)
+        finally:
+            self.settle_gate(outcome, trial=access is Access.TRIAL)
+
+    def attempt(self, row: Row) -> Outcome | None:
+        """Upload one claimed row, whatever happens: an error of the daemon's own is recorded, never left behind."""
         self.busy.set()
         try:
-            self.upload(row)
+            return self.upload(row)
+        except LedgerError:
+            raise
+        except Exception as error:
+            log.exception("uploading a file failed inside the daemon", path=str(row.path), unique_id=row.unique_id)
+            self.record_internal_error(row, error)
+            return None
         finally:
             self.busy.clear()
 
-    def upload(self, row: Row) -> None:
+    def settle_gate(self, outcome: Outcome | None, *, trial: bool) -> None:
+        """Tell the gate what this attempt said about the account; a trial always ends here."""
+        if outcome is not None and outcome.kind == "account":
+            self.gate.account_refused(outcome)
+        elif trial and outcome is not None and outcome.kind in ("uploaded", "refused", "duplicate"):
+            self.gate.answered()
+        elif trial:
+            self.gate.end_trial()
+
+    def record_internal_error(self, row: Row, error: Exception) -> None:
+        message = f"an error inside the daemon: {type(error).__name__}: {error}"
+        if row.attempts >= UNRECOGNISED_ATTEMPTS:
+            self.ledger.mark_failed(row.id, message)
+            log.error("failed", state="failed", reason=message, path=str(row.path), unique_id=row.unique_id)
+            return
+        delay = self.policy.delay(row.attempts)
+        self.ledger.mark_retry(row.id, self.clock() + delay, message)
+        log.warning(
+            "upload failed; will retry", state="retrying", reason=message, path=str(row.path), unique_id=row.unique_id
+        )
+
+    def take_slot(self) -> None:
+        """The connection is open: wait for the upload's slot, and send at once."""
+        self.waiting.set()
+        try:
+            if self.pacer.acquire(self.stop) is None:
+                raise Abandoned("shutting down before the upload's slot")
+        finally:
+            self.waiting.clear()
+
+    def upload(self, row: Row) -> Outcome | None:
+        """Send one file; returns the API's answer, or None when no request was answered."""
         folder = self.config.folder_for(row.path)
         context = {"path": str(row.path), "unique_id": row.unique_id, "attempt": row.attempts}
         if folder is None:
             self.ledger.release(row.id)
-            return
+            return None
         if row.sent_at is not None and self.reconcile(row, context):
-            return
+            return None
         try:
             with probe.open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (
                 fd,
@@ -369,13 +423,8 @@ class UploadWorker(Worker):
             ):
                 if not _same_file(row, info) or (row.fingerprint and fingerprint(fd, info.st_size) != row.fingerprint):
                     self.ledger.mark_changed(row.id)
-                    self.gate.release_probe()
                     log.info("file changed before upload; settling again", state="pending", **context)
-                    return
-                if not self.limiter.acquire(self.stop):
-                    self.ledger.release(row.id)
-                    self.gate.release_probe()
-                    return
+                    return None
                 log.info("uploading", state="uploading", size=row.size, **context)
                 reader = SnapshotReader(
                     fd,
@@ -387,31 +436,35 @@ class UploadWorker(Worker):
                 )
                 content_type = probe.content_type_for(row.path) or "video/mp4"
                 upload_started = time.monotonic()
-                outcome = self.client.upload(reader, row.path.name, content_type, upload_fields(folder, row))
+                outcome = self.client.upload(
+                    reader,
+                    row.path.name,
+                    content_type,
+                    upload_fields(folder, row, self.callback_url),
+                    before_send=self.take_slot,
+                )
         except FileNotFoundError:
             self.ledger.mark_gone(row.id)
-            self.gate.release_probe()
             log.info("file gone before upload", state="gone", **context)
-            return
+            return None
         except FileChanged as change:
             self.ledger.mark_changed(row.id)
-            self.gate.release_probe()
             self.metrics.retried("changed")
             log.warning("upload abandoned: the file changed; settling again", reason=str(change), **context)
-            return
+            return None
         except Abandoned:
             self.ledger.release(row.id, "upload abandoned at shutdown")
             self.metrics.retried("abandoned")
             log.warning("upload abandoned at shutdown; it goes first next time", state="queued", **context)
-            return
+            return None
         except (probe.Rejection, OSError) as error:
             reason = str(error) if isinstance(error, probe.Rejection) else f"cannot be opened: {error.strerror}"
             self.ledger.mark_rejected(row.id, reason)
-            self.gate.release_probe()
             log.warning("rejected", state="rejected", reason=reason, **context)
-            return
+            return None
         self.record(row, outcome, context)
         self.metrics.answered(outcome, row.size, time.monotonic() - upload_started)
+        return outcome
 
     def reconcile(self, row: Row, context: Mapping[str, object]) -> bool:
         """An earlier attempt sent the whole body but no answer was stored: ask the server before sending again.
@@ -430,7 +483,6 @@ class UploadWorker(Worker):
         except ListFailed as error:
             delay = self.policy.delay(row.attempts)
             self.ledger.mark_retry(row.id, self.clock() + delay, f"an earlier upload may have landed; {error}")
-            self.gate.release_probe()
             log.warning("cannot check an unanswered upload; will retry", reason=str(error), **context)
             return True
         if found is None:
@@ -443,38 +495,43 @@ class UploadWorker(Worker):
             row, found.video_no, "recovered from list_videos after an unanswered upload", action=action
         )
         self.actions_ready.set()
-        self.gate.release_probe()
         log.warning("an unanswered upload had landed; not sending it again", video_no=found.video_no, **context)
         return True
 
     def record(self, row: Row, outcome: Outcome, context: Mapping[str, object]) -> None:
+        """Store what an answer means for the file; the gate hears what it means for the account in loop()."""
         if outcome.kind == "uploaded":
             assert outcome.video_no is not None
+            self.pacer.accepted()
             folder = self.config.folder_for(row.path)
             self.ledger.mark_uploaded(row, outcome.video_no, action=folder.action if folder else None)
             self.actions_ready.set()
-            self.gate.answered()
             log.info("uploaded", state="uploaded", video_no=outcome.video_no, **context)
         elif outcome.kind == "rate_limited":
-            self.gate.rate_limited(outcome)
+            self.pacer.limited(outcome.retry_after)
             self.ledger.release(row.id, outcome.message)
         elif outcome.kind == "account":
-            self.gate.account_refused(outcome)
-            self.ledger.release(row.id, outcome.message)
+            self.ledger.release(row.id, outcome.reason)
         elif outcome.kind == "refused":
-            self.gate.answered()
             self.ledger.mark_failed(row.id, outcome.message)
             log.error("failed: the server refused the file", state="failed", reason=outcome.message, **context)
+        elif outcome.kind == "duplicate":
+            delay = self.policy.delay(row.attempts)
+            self.ledger.mark_retry(row.id, self.clock() + delay, f"{outcome.message}: {outcome.advice}", uncertain=True)
+            log.warning(
+                "the API refused a duplicate request; asking list_videos before sending again",
+                state="retrying",
+                reason=outcome.message,
+                retry_in=round(delay, 1),
+                **context,
+            )
         elif outcome.kind == "unrecognised" and row.attempts >= UNRECOGNISED_ATTEMPTS:
-            self.gate.answered()
             message = f"{outcome.message} (an answer this daemon does not recognise, {row.attempts} times)"
             self.ledger.mark_failed(row.id, message)
             log.error("failed", state="failed", reason=message, **context)
         else:
-            self.gate.release_probe()
             delay = max(self.policy.delay(row.attempts), outcome.retry_after or 0.0)
-            answered = outcome.kind == "unrecognised"
-            self.ledger.mark_retry(row.id, self.clock() + delay, outcome.message, answered=answered)
+            self.ledger.mark_retry(row.id, self.clock() + delay, outcome.message, answered=outcome.answered)
             log.warning(
                 "upload failed; will retry",
                 state="retrying",
