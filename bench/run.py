@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from memories_ingest import probe, samples, uploader
+    from memories_ingest import files, probe, samples
     from memories_ingest.ledger import Ledger
     from memories_ingest.sandbox import Sandbox
 except ImportError as missing:  # pragma: no cover - a setup problem, not a measurement
@@ -1414,7 +1414,7 @@ def bench_probe(ctx: Context) -> None:
 
     def fingerprint_cold() -> None:
         evict(big)
-        timed("fingerprint cold", lambda: uploader.fingerprint(fd, size))
+        timed("fingerprint cold", lambda: files.fingerprint(fd, size))
 
     try:
         for number in range(ctx.rounds):
@@ -1422,7 +1422,7 @@ def bench_probe(ctx: Context) -> None:
             timed("probe", lambda: probe.probe_path(small), calls)
             timed("probe in-process", lambda: reference_probe(small), calls)
             timed("probe 1 GiB", lambda: probe.probe_path(big), calls)
-            timed("fingerprint", lambda: uploader.fingerprint(fd, size), 50)
+            timed("fingerprint", lambda: files.fingerprint(fd, size), 50)
             sha256sum(cold=False)
             fingerprint_cold()
             sha256sum(cold=True)
@@ -1469,7 +1469,7 @@ def bench_probe(ctx: Context) -> None:
                 ratio(fw, sw),
                 "— (report)",
                 "—",
-                "uploader.fingerprint (first + last MiB) vs sha256sum F",
+                "files.fingerprint (first + last MiB) vs sha256sum F",
             )
         )
         report.add(

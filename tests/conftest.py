@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from memories_ingest.api import V1
 from memories_ingest.config import Config, parse
@@ -189,6 +190,26 @@ def read_request_head(connection: socket.socket) -> bytes:
             break
         head += chunk
     return head
+
+
+def daemon_config(tmp_path: Path, sandbox: Sandbox, **sections: Any) -> Path:
+    """A config file for a daemon run as a process: one folder, `watched`, against the sandbox.
+
+    Keyword arguments replace sections (``upload={"rate_per_second": 1}``), or are merged into them.
+    """
+    (tmp_path / "watched").mkdir(exist_ok=True)
+    document: dict[str, Any] = {
+        "api": {"base_url": sandbox.url},
+        "ledger": "ledger.db",
+        "watch": {"settle_seconds": 0.2},
+        "upload": {"rate_per_second": 20},
+        "folders": [{"path": "watched", "unique_id": "test-scope"}],
+    }
+    for key, value in sections.items():
+        document[key] = {**document[key], **value} if isinstance(value, dict) and key in document else value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
 
 
 _spawned: list[subprocess.Popen[str]] = []

@@ -14,32 +14,25 @@ from typing import Any
 import pytest
 import yaml
 
+from memories_ingest.files import Version
 from memories_ingest.ledger import FAILED, UPLOADED, Ledger, Pause
 from memories_ingest.pacing import Pacer
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 
-from conftest import API_KEY, spawned, wait_until
+from conftest import API_KEY, daemon_config, spawned, wait_until
 
 COMMAND = [sys.executable, "-m", "memories_ingest.cli"]
 
 
 @pytest.fixture
 def config_file(tmp_path: Path, sandbox: Sandbox) -> Path:
-    (tmp_path / "watched").mkdir()
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "api": {"base_url": sandbox.url},
-                "ledger": "ledger.db",
-                "watch": {"settle_seconds": 0.3},
-                "upload": {"rate_per_second": 20},
-                "folders": [{"path": "watched", "unique_id": "cli", "tags": ["cli"]}],
-            }
-        )
+    return daemon_config(
+        tmp_path,
+        sandbox,
+        watch={"settle_seconds": 0.3},
+        folders=[{"path": "watched", "unique_id": "cli", "tags": ["cli"]}],
     )
-    return path
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -171,7 +164,7 @@ def test_upload_sends_files_once_outside_the_daemon(config_file: Path, tmp_path:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"uploaded {video}: VI")
     (received,) = sandbox.received()
-    assert received.unique_id == "holidays" and received.tags == ["beach"]
+    assert received.unique_id == "holidays" and received.folder_tags == ["beach"]
     again = cli("upload", str(video), config=config_file)
     assert again.returncode == 0 and again.stdout.startswith(f"already uploaded {video}")
     assert len(sandbox.received()) == 1
@@ -188,19 +181,19 @@ def test_upload_uses_the_watched_folders_settings_and_reports_rejections(
     assert lines[0].startswith(f"uploaded {inside}")
     assert lines[1] == f"rejected {bad}: video codec mpeg4 is not one of h264, hevc, vp9"
     (received,) = sandbox.received()
-    assert received.unique_id == "cli" and received.tags == ["cli"]
+    assert received.unique_id == "cli" and received.folder_tags == ["cli"]
 
 
 def test_status_shows_progress_pause_and_recent_errors(config_file: Path, tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
     folder = tmp_path / "watched"
-    ledger.record_seen(folder / "big.mp4", folder, "cli", 4 << 20, 1, 1)
+    ledger.record_seen(folder / "big.mp4", folder, "cli", Version(4 << 20, 1, 1, 1))
     row = ledger.get(folder / "big.mp4")
     assert row is not None and ledger.mark_queued(row, "fp", {})
     claimed = ledger.claim([folder])
     assert claimed is not None
     ledger.mark_progress(claimed.id, 1 << 20)
-    ledger.record_seen(folder / "old.mp4", folder, "cli", 10, 1, 2)
+    ledger.record_seen(folder / "old.mp4", folder, "cli", Version(10, 1, 2, 1))
     old = ledger.get(folder / "old.mp4")
     assert old is not None
     ledger.mark_rejected(old.id, "video codec mpeg4 is not one of h264, hevc, vp9")
@@ -267,7 +260,40 @@ def test_sighup_switches_to_a_good_config_and_keeps_the_old_one_when_the_new_one
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
-    tags = {video.filename: video.tags for video in sandbox.received()}
+    tags = {video.filename: video.folder_tags for video in sandbox.received()}
     assert tags == {"first.mp4": ["cli"], "second.mp4": ["reloaded"]}
     refusal = next(line for line in lines if "the new config is invalid" in line["event"])
     assert any("folders[0].latitude: 'north' is not a decimal number" in p for p in refusal["problems"])
+
+
+def test_the_key_never_reaches_the_log_or_the_ledger_whatever_the_server_says(
+    config_file: Path, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    sandbox.inject("invalid_field", msg=f"the key {API_KEY} is not allowed to set camera_model")
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    result = cli("run", "--once", config=config_file)
+    ledger = Ledger(tmp_path / "ledger.db")
+    row = ledger.get(video)
+    ledger.close()
+    assert row is not None and row.state == FAILED
+    assert row.error is not None and "the key [the API key] is not allowed" in row.error
+    assert API_KEY not in result.stderr + result.stdout
+    status = cli("status", "--json", config=config_file).stdout + cli("list", config=config_file).stdout
+    assert API_KEY not in status and "[the API key]" in status
+
+
+def test_status_and_list_show_control_characters_escaped(config_file: Path, tmp_path: Path) -> None:
+    hostile = tmp_path / "watched" / "clip\x1b]0;owned\x07\x1b[2J\u202e.mp4"
+    hostile.write_bytes(b"not a video at all, whatever its name says")
+    cli("run", "--once", config=config_file)
+    shown = cli("status", config=config_file).stdout + cli("list", config=config_file).stdout
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "clip\\x1b]0;owned\\x07\\x1b[2J\\u202e.mp4" in shown
+
+
+def test_status_and_list_never_make_a_ledger(config_file: Path, tmp_path: Path) -> None:
+    for command in ("status", "list"):
+        result = cli(command, config=config_file)
+        assert result.returncode == 69
+        assert "there is no ledger at" in result.stderr
+    assert not (tmp_path / "ledger.db").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ folders:
     assert "folders[1].latitude: 'abc' is not a decimal number" in text
     assert "folders[1].longitude: 200 is outside -180..180" in text
     assert "folders[1].camera_model: is 201 characters, at most 200 are allowed" in text
-    assert "folders[1].tags: 21 tags, at most 20 are allowed" in text
+    assert "folders[1].tags: 21 tags, at most 19 are allowed (the daemon adds one of its own)" in text
     assert "folders[1].recursive: 'maybe' is not true or false" in text
     assert len(problems) == 10
 
@@ -129,7 +130,7 @@ def test_merged_tags_over_the_limit_and_overlapping_folders_are_errors(tmp_path:
     with pytest.raises(ConfigError) as caught:
         parse(
             {
-                "defaults": {"tags": [f"d{i}" for i in range(15)]},
+                "defaults": {"tags": [f"d{i}" for i in range(14)]},
                 "folders": [
                     {"path": "/x", "recursive": True, "tags": [f"f{i}" for i in range(6)]},
                     {"path": "/x/y"},
@@ -139,7 +140,7 @@ def test_merged_tags_over_the_limit_and_overlapping_folders_are_errors(tmp_path:
             tmp_path / "c.yaml",
         )
     text = str(caught.value)
-    assert "folders[0].tags: 21 tags with the defaults, at most 20 are allowed" in text
+    assert "folders[0].tags: 20 tags with the defaults, at most 19 are allowed (the daemon adds one" in text
     assert "folders[1].path: /x/y is inside folders[0], which is recursive" in text
     assert "folders[2].path: /x is already folders[0]" in text
 
@@ -192,3 +193,58 @@ def test_api_key_from_environment_file_or_credentials(tmp_path: Path) -> None:
     assert read_api_key(config.api, {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}) == "k3"
     with pytest.raises(MissingApiKey, match="MEMORIES_API_KEY"):
         read_api_key(config.api, {})
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("sk-first\nsk-second\n", "holds more than one line"),
+        ("Bearer sk-key\n", "a space, a control character or a character beyond ASCII"),
+        ("sk-\x1b[2Jkey\n", "a space, a control character or a character beyond ASCII"),
+        ("\n\n", "is empty"),
+    ],
+)
+def test_a_key_that_cannot_be_one_is_refused_at_check_without_being_echoed(
+    tmp_path: Path, content: str, why: str
+) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text(content)
+    config = write(
+        tmp_path, f"api: {{api_key_file: {key_file}}}\nledger: {tmp_path}/ledger.db\nfolders: [{{path: v}}]\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "MEMORIES_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 78
+    assert why in result.stderr
+    assert "sk-" not in result.stderr + result.stdout, "no part of the key is echoed"
+
+
+def test_aliases_are_refused_so_a_billion_laughs_costs_nothing(tmp_path: Path) -> None:
+    laughs = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for level in "bcdefghi":
+        previous = chr(ord(level) - 1)
+        laughs += f"{level}: &{level} [" + ", ".join([f"*{previous}"] * 9) + "]\n"
+    path = write(tmp_path, laughs + "folders: [{path: v}]\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert "aliases (*name) are not allowed in this config" in str(caught.value)
+    assert "line 2" in str(caught.value)
+    assert time.monotonic() - started < 30, "refused before anything expands"
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [("upload.rate_per_second", ".inf"), ("watch.settle_seconds", ".nan"), ("watch.rescan_seconds", ".inf")],
+)
+def test_numbers_that_are_not_finite_are_refused(tmp_path: Path, section: str, value: str) -> None:
+    group, name = section.split(".")
+    path = write(tmp_path, f"{group}: {{{name}: {value}}}\nfolders: [{{path: v}}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert f"{section}: " in str(caught.value) and "is not a finite number" in str(caught.value)

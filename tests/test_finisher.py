@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from memories_ingest.config import Config, parse
+from memories_ingest.files import Version, fingerprint
 from memories_ingest.finisher import Finisher
 from memories_ingest.ledger import PENDING, UPLOADED, Ledger, Row
 from memories_ingest.pacing import RetryPolicy
-from memories_ingest.uploader import fingerprint
 from memories_ingest.watcher import Recorder, Watcher
 
 from conftest import wait_until
@@ -46,7 +46,7 @@ def seen(ledger: Ledger, config: Config, path: Path) -> Row:
     folder = config.folder_for(path)
     assert folder is not None
     info = path.stat()
-    ledger.record_seen(path, folder.path, folder.unique_id, info.st_size, info.st_mtime_ns, info.st_ino)
+    ledger.record_seen(path, folder.path, folder.unique_id, Version.of(info))
     row = ledger.get(path)
     assert row is not None
     return row

@@ -13,6 +13,7 @@ import requests
 import structlog.testing
 from requests_toolbelt import MultipartEncoder
 
+from memories_ingest.files import Version
 from memories_ingest.indexer import CallbackListener, Indexer, callback_token, callback_url
 from memories_ingest.ledger import INDEX_FAILED, INDEXED, UPLOADED, Ledger, Row
 from memories_ingest.samples import write_video
@@ -58,7 +59,7 @@ def sent(sandbox: Sandbox, unique_id: str | None = "scope") -> str:
 
 def uploaded(ledger: Ledger, name: str, video_no: str, unique_id: str | None = "scope") -> Row:
     """A row as an upload leaves it, for a file the indexer never needs to see."""
-    ledger.record_seen(FOLDER / name, FOLDER, unique_id, 100, 1, hash(name) % 10_000)
+    ledger.record_seen(FOLDER / name, FOLDER, unique_id, Version(100, 1, hash(name) % 10_000, 1))
     row = ledger.get(FOLDER / name)
     assert row is not None
     assert ledger.mark_queued(row, f"fp-{name}", {})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from memories_ingest.files import Version
 from memories_ingest.ledger import (
     FAILED,
     GONE,
@@ -49,8 +50,8 @@ def ledger(tmp_path: Path, clock: Clock) -> Ledger:
 FOLDER = Path("/videos")
 
 
-def seen(ledger: Ledger, name: str, size: int = 100, mtime_ns: int = 1, inode: int = 7) -> bool:
-    return ledger.record_seen(FOLDER / name, FOLDER, "scope", size, mtime_ns, inode)
+def seen(ledger: Ledger, name: str, size: int = 100, mtime_ns: int = 1, inode: int = 7, ctime_ns: int = 1) -> bool:
+    return ledger.record_seen(FOLDER / name, FOLDER, "scope", Version(size, mtime_ns, inode, ctime_ns))
 
 
 def queue(ledger: Ledger, name: str, fingerprint: str = "fp") -> None:
@@ -208,7 +209,7 @@ def test_due_count_ignores_future_retries(ledger: Ledger, clock: Clock) -> None:
 def test_a_non_utf8_file_name_is_kept_exactly(ledger: Ledger, tmp_path: Path) -> None:
     raw = os.fsencode(tmp_path) + b"/caf\xe9.mp4"
     path = Path(os.fsdecode(raw))
-    assert ledger.record_seen(path, tmp_path, None, 1, 1, 1)
+    assert ledger.record_seen(path, tmp_path, None, Version(1, 1, 1, 1))
     row = ledger.get(path)
     assert row is not None and os.fsencode(row.path) == raw
 

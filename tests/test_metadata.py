@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from memories_ingest.config import Folder, parse
+from memories_ingest.files import Version
 from memories_ingest.ledger import UPLOADED, Ledger, Row
 from memories_ingest.probe import (
     MediaInfo,
@@ -225,7 +226,7 @@ def folder_with(tmp_path: Path, **keys: Any) -> Folder:
 def queued_row(tmp_path: Path, media: MediaInfo) -> Row:
     ledger = Ledger(tmp_path / "l.db")
     path = tmp_path / "videos" / "clip.mov"
-    ledger.record_seen(path, tmp_path / "videos", None, 1000, 1_700_000_000 * 10**9, 42)
+    ledger.record_seen(path, tmp_path / "videos", None, Version(1000, 1_700_000_000 * 10**9, 42, 1))
     seen = ledger.get(path)
     assert seen is not None
     assert ledger.mark_queued(seen, "fp", media.to_json())
@@ -287,7 +288,7 @@ def test_upload_fields_read_rows_stored_before_these_fields(tmp_path: Path) -> N
     stored = {key: value for key, value in media(tags=dict(CAMERA_TAGS)).to_json().items() if key not in new_keys}
     ledger = Ledger(tmp_path / "l.db")
     path = tmp_path / "videos" / "old.mov"
-    ledger.record_seen(path, tmp_path / "videos", None, 1000, 1, 42)
+    ledger.record_seen(path, tmp_path / "videos", None, Version(1000, 1, 42, 1))
     seen = ledger.get(path)
     assert seen is not None and ledger.mark_queued(seen, "fp", stored)
     row = ledger.get(path)

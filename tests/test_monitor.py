@@ -192,7 +192,7 @@ def test_status_line_summarises_the_ledger_in_one_line() -> None:
     }
     assert status_line(document, 2) == (
         "watching 2 folders; 3 queued, 1 uploading (45%), 120 uploaded, 1 rejected; "
-        "paused: the account's balance is insufficient (HTTP 200)"
+        "paused: the account's balance is insufficient\\x0a(HTTP 200)"
     )
     assert status_line({**document, "paused": None}, 1, ["settler: its thread has ended"]).endswith(
         "; unhealthy: settler: its thread has ended"

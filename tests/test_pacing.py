@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -12,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from memories_ingest import api
 from memories_ingest.api import Outcome
@@ -29,8 +29,9 @@ from memories_ingest.pacing import (
 )
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
+from memories_ingest.uploader import Client, SnapshotReader
 
-from conftest import API_KEY, Pipeline, spawned, wait_until
+from conftest import API_KEY, Pipeline, daemon_config, spawned, wait_until
 
 Build = Callable[..., Pipeline]
 
@@ -223,23 +224,6 @@ def test_a_trial_that_learns_nothing_hands_over_and_a_refusal_pauses_again(ledge
     assert pause.since == 400.0, "a pause that goes on keeps its start"
 
 
-def write_config(tmp_path: Path, sandbox: Sandbox, *, rate: float, folder: str = "watched") -> Path:
-    (tmp_path / folder).mkdir(exist_ok=True)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "api": {"base_url": sandbox.url},
-                "ledger": "ledger.db",
-                "watch": {"settle_seconds": 0.2},
-                "upload": {"rate_per_second": rate},
-                "folders": [{"path": folder, "unique_id": "pace"}],
-            }
-        )
-    )
-    return config
-
-
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "memories_ingest.cli", *args]
 
@@ -269,7 +253,7 @@ def test_the_daemon_learns_a_slow_account_and_then_stays_under_it(
 
 def test_upload_beside_a_running_daemon_shares_its_pace(tmp_path: Path) -> None:
     with Sandbox(api_key=API_KEY, rate_per_second=1, parse_seconds=0.2) as sandbox:
-        config = write_config(tmp_path, sandbox, rate=1)
+        config = daemon_config(tmp_path, sandbox, upload={"rate_per_second": 1})
         for n in range(4):
             write_video(tmp_path / "watched" / f"daemon{n}.mp4", seconds=1 + n / 10)
         by_hand = [write_video(tmp_path / f"hand{n}.mp4", seconds=2 + n / 10) for n in range(3)]
@@ -289,7 +273,7 @@ def test_upload_beside_a_running_daemon_shares_its_pace(tmp_path: Path) -> None:
 
 
 def test_a_second_daemon_on_the_same_ledger_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
-    config = write_config(tmp_path, sandbox, rate=20)
+    config = daemon_config(tmp_path, sandbox)
     first = spawned(subprocess.Popen(command("run", "-c", str(config)), env=ENV, stderr=subprocess.PIPE, text=True))
     wait_until(lambda: (tmp_path / "ledger.db.lock").exists() and first.poll() is None, 30, "the first daemon")
     wait_until(lambda: _held(tmp_path), 30, "the first daemon to hold the ledger")
@@ -305,3 +289,47 @@ def test_a_second_daemon_on_the_same_ledger_is_refused(tmp_path: Path, sandbox: 
 
 def _held(tmp_path: Path) -> bool:
     return LedgerLock.holder(tmp_path / "ledger.db") is not None
+
+
+def test_requests_reach_the_server_no_closer_than_the_pace_while_the_host_is_busy(tmp_path: Path) -> None:
+    """The slot is taken once the connection is open, just before the request line: what the server sees.
+
+    Threads that compete for the interpreter (as the settler does while it probes a burst) must not squeeze
+    two arrivals closer than 1/rate. The full proof, 1,000 requests at 1/s, is in bench/ (pacing).
+    """
+    requests_to_send, rate = 20, 1.0
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(64 * 1024))
+    ledger = Ledger(tmp_path / "ledger.db")
+    pacer = Pacer(ledger, rate)
+    stop, busy = threading.Event(), threading.Event()
+
+    def hog() -> None:
+        block = os.urandom(1 << 20)
+        while not busy.is_set():
+            hashlib.sha256(block).digest()
+
+    hogs = [threading.Thread(target=hog, daemon=True) for _ in range(3)]
+    for thread in hogs:
+        thread.start()
+    with Sandbox(api_key=API_KEY, rate_per_second=rate) as sandbox:
+        client = Client(sandbox.url, API_KEY)
+        try:
+            for _ in range(requests_to_send):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    reader = SnapshotReader(fd, os.fstat(fd), str(path), stop)
+                    outcome = client.upload(
+                        reader, "v.mp4", "video/mp4", [], before_send=lambda: pacer.acquire(stop) and None
+                    )
+                finally:
+                    os.close(fd)
+                assert outcome.kind == "uploaded", outcome
+        finally:
+            busy.set()
+            client.close()
+            ledger.close()
+        arrivals = [record.arrived_at for record in sandbox.requests()]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) == requests_to_send
+    assert min(gaps) >= 1 / rate, f"two requests {min(gaps):.4f} s apart"

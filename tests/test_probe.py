@@ -667,3 +667,23 @@ def test_probes_from_four_threads_each_get_their_own_answer(make_video: MakeVide
 )
 def test_parse_creation_time(tag: str, expected: datetime | None) -> None:
     assert parse_creation_time(tag) == expected
+
+
+@pytest.mark.usefixtures("hanging_zygote")
+def test_neither_the_zygote_nor_a_child_parsing_a_file_sees_the_key_or_the_credentials(
+    make_video: MakeVideo, open_fd: Callable[[Path], int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MEMORIES_API_KEY", "sk-never-in-a-probe")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    result = in_background(lambda: probe_fd(open_fd(make_video("hang.mp4")), timeout=30))
+    [zygote] = wait_until(zygotes, what="the zygote")
+    child, _ = hanging_child(zygote)
+    for pid in (zygote, child):
+        environment = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"sk-never-in-a-probe" not in environment
+        assert str(tmp_path / "credentials").encode() not in environment
+        assert b"NOTIFY_SOCKET" not in environment
+        assert b"PATH=" in environment
+    os.kill(child, signal.SIGKILL)
+    result()

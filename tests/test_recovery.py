@@ -6,6 +6,7 @@ which the daemon closes with list_videos; no file lost; nothing outside the watc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memories_ingest.ledger import UPLOADED, UPLOADING, Ledger
-from memories_ingest.samples import write_video
+from memories_ingest.ledger import UPLOADED, UPLOADING, Ledger, LedgerError
+from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 
 from conftest import API_KEY, spawned, wait_until
@@ -50,17 +51,34 @@ def write_config(tmp_path: Path, sandbox: Sandbox, **watch: object) -> Path:
 
 def start(config: Path, **popen: object) -> subprocess.Popen[str]:
     env = {**os.environ, "MEMORIES_API_KEY": API_KEY}
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     return spawned(
         subprocess.Popen(  # type: ignore[call-overload]
-            [*COMMAND, "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
+            [*COMMAND, "-c", str(config)], text=True, env=env, **options
         )
     )
 
 
 def states(tmp_path: Path) -> dict[str, str]:
-    ledger = Ledger(tmp_path / "ledger.db")
+    """The ledger's rows by file name, read as `status` reads them: never making a ledger that is not there."""
+    try:
+        ledger = Ledger(tmp_path / "ledger.db", create=False)
+    except LedgerError:
+        return {}
     try:
         return {row.path.name: row.state for row in ledger.rows()}
+    finally:
+        ledger.close()
+
+
+def pause_kind(tmp_path: Path) -> str | None:
+    try:
+        ledger = Ledger(tmp_path / "ledger.db", create=False)
+    except LedgerError:
+        return None
+    try:
+        pause = ledger.pause()
+        return pause.kind if pause else None
     finally:
         ledger.close()
 
@@ -74,7 +92,7 @@ def finish(config: Path, tmp_path: Path, names: list[str]) -> None:
     """Run the daemon until every file is uploaded, then stop it warmly."""
     daemon = start(config)
     try:
-        wait_until(lambda: all(states(tmp_path).get(n) == UPLOADED for n in names), 60, "every file uploaded")
+        wait_until(lambda: all(states(tmp_path).get(n) == UPLOADED for n in names), 90, "every file uploaded")
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.communicate(timeout=30)
@@ -133,6 +151,103 @@ def test_an_answer_lost_while_running_ends_in_exactly_one_upload(
     write_video(tmp_path / "watched" / "a.mp4")
     finish(config, tmp_path, ["a.mp4"])
     assert len(sandbox.received()) == 1
+
+
+def same_size_videos(folder: Path, names: list[str], size: int = 32 * 1024) -> list[Path]:
+    """Real, different videos that are all exactly the same size, as a camera that writes fixed-length clips makes."""
+    made = []
+    for number, name in enumerate(names):
+        staged = write_video(folder.parent / f"staging-{name}", seconds=1 + number / 10, faststart=True)
+        faststart_padding(staged, size)
+        made.append(staged.rename(folder / name))
+    return made
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def delivered_correctly(tmp_path: Path, sandbox: Sandbox, files: list[Path]) -> tuple[list[str], list[str], int]:
+    """Files lost, files given another file's video, and the duplicates the server holds."""
+    by_number = {video.video_no: video.sha256 for video in sandbox.received()}
+    ledger = Ledger(tmp_path / "ledger.db")
+    rows = {row.path: row for row in ledger.rows()}
+    ledger.close()
+    lost = [f.name for f in files if f not in rows or rows[f].state != UPLOADED or not rows[f].video_no]
+    wrong = [f.name for f in files if f.name not in lost and by_number.get(rows[f].video_no or "") != sha256(f)]
+    copies = Counter(video.sha256 for video in sandbox.received())
+    return lost, wrong, sum(count - 1 for count in copies.values())
+
+
+def test_same_size_files_with_one_body_lost_and_one_answer_lost_each_get_their_own_video(tmp_path: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=20, parse_seconds=0.2) as sandbox:
+        config = write_config(tmp_path, sandbox)
+        files = same_size_videos(tmp_path / "watched", ["a.mp4", "b.mp4"])
+        # One body is stored and its answer never comes; the other is dropped behind a gateway timeout.
+        sandbox.inject("slow", seconds=8, accept=True)
+        sandbox.inject("slow", seconds=8, accept=False)
+        finish(config, tmp_path, [f.name for f in files])
+        lost, wrong, duplicates = delivered_correctly(tmp_path, sandbox, files)
+        assert len(sandbox.received()) == 2
+    assert (lost, wrong, duplicates) == ([], [], 0)
+
+
+def test_same_size_files_stay_uncertain_until_their_tags_tell_them_apart(tmp_path: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=20, parse_seconds=3600) as never_parses:
+        config = write_config(tmp_path, never_parses)
+        same_size_videos(tmp_path / "watched", ["a.mp4", "b.mp4"])
+        never_parses.inject("slow", seconds=8, accept=True)
+        never_parses.inject("slow", seconds=8, accept=False)
+        daemon = start(config)
+        try:
+            wait_until(lambda: len(doubts(tmp_path)) == 2, 90, "both files to be in doubt after asking list_videos")
+            status = subprocess.run(
+                [*COMMAND[:-1], "status", "-c", str(config)], capture_output=True, text=True, check=True
+            ).stdout
+        finally:
+            kill(daemon)
+        assert len(never_parses.received()) == 1, "nothing is sent again while it may have landed"
+    assert "uncertain: 2" in status
+    assert "video(s) of its size are not parsed yet, and only their tags can tell" in status
+
+
+def doubts(tmp_path: Path) -> list[str]:
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        return [
+            row.error or ""
+            for row in ledger.rows()
+            if row.state == "uncertain" and "not parsed yet" in (row.error or "")
+        ]
+    finally:
+        ledger.close()
+
+
+def test_kill_9_over_same_size_files_loses_none_and_never_gives_a_file_another_files_video(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    config = write_config(tmp_path, sandbox)
+    names = [f"clip{n:02}.mp4" for n in range(30)]
+    files = same_size_videos(tmp_path / "watched", names)
+    rng = random.Random(11)
+    pause = threading.Event()
+    kills = 0
+    for _ in range(12):
+        # Some answers stall, so that kills also land between the server storing a body and the ledger hearing of it.
+        sandbox.inject("slow", times=2, seconds=rng.uniform(0.2, 1.5), accept=True)
+        daemon = start(config)
+        pause.wait(rng.uniform(0.5, 2.0))
+        kill(daemon)
+        kills += 1
+        sandbox.clear_faults()
+    finish(config, tmp_path, names)
+    lost, wrong, duplicates = delivered_correctly(tmp_path, sandbox, files)
+    recovered = sum("identity tag" in (row.error or "") for row in Ledger(tmp_path / "ledger.db").rows())
+    print(
+        f"same-size crash loop: {len(files)} files, {kills} kills, {len(lost)} lost, {len(wrong)} wrong, "
+        f"{duplicates} duplicates, {recovered} recovered by their identity tag"
+    )
+    assert (lost, wrong, duplicates) == ([], [], 0)
 
 
 def test_a_power_loss_copy_of_the_ledger_is_intact_and_keeps_every_acknowledged_upload(
@@ -233,3 +348,78 @@ def test_a_missing_ledger_directory_is_made(tmp_path: Path, sandbox: Sandbox) ->
         daemon.send_signal(signal.SIGTERM)
         daemon.communicate(timeout=30)
     assert (tmp_path / "state" / "deeper").stat().st_mode & 0o777 == 0o700
+
+
+def run_command(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MEMORIES_API_KEY": API_KEY}
+    return subprocess.run(
+        [*COMMAND[:-1], *args, "-c", str(config)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+@pytest.mark.parametrize("fate", ["deleted", "replaced"])
+def test_a_ledger_deleted_or_replaced_under_the_daemon_stops_it_loudly(
+    tmp_path: Path, sandbox: Sandbox, fate: str
+) -> None:
+    config = write_config(tmp_path, sandbox)
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    daemon = start(config)
+    wait_until(lambda: states(tmp_path).get(video.name) == UPLOADED, 30, "the first upload")
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"ledger.db{suffix}").unlink(missing_ok=True)
+    if fate == "replaced":
+        Ledger(tmp_path / "ledger.db").close()
+    _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 74
+    assert "LEDGER GONE" in stderr and fate in stderr
+    assert len(sandbox.received()) == 1
+
+
+def test_a_new_ledger_where_an_earlier_one_was_sends_nothing_until_rebuilt(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = write_config(tmp_path, sandbox)
+    names = ["a.mp4", "b.mp4"]
+    for number, name in enumerate(names):
+        write_video(tmp_path / "watched" / name, seconds=1 + number / 10)
+    finish(config, tmp_path, names)
+    wait_until(lambda: all(sandbox.video_status(v.video_no) == "PARSE" for v in sandbox.received()), what="parsing")
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"ledger.db{suffix}").unlink(missing_ok=True)
+
+    daemon = start(config)
+    try:
+        wait_until(lambda: pause_kind(tmp_path) == "ledger", 30, "the pause for a new ledger")
+        status = run_command(config, "status").stdout
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    assert "THE LEDGER IS NEW, BUT AN EARLIER ONE WAS HERE" in stderr
+    assert "kept 2 uploads here" in status and "memories-ingest rebuild" in status
+    assert len(sandbox.received()) == 2, "nothing is sent twice"
+
+    dry = run_command(config, "rebuild", "--dry-run")
+    assert "2 file(s) would be recorded as already on memories.ai (2 by their identity tag" in dry.stdout
+    rebuilt = run_command(config, "rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "2 file(s) recorded as already on memories.ai" in rebuilt.stdout
+    assert "the pause for a new ledger is lifted" in rebuilt.stdout
+    later = write_video(tmp_path / "watched" / "c.mp4", seconds=2)
+    finish(config, tmp_path, [*names, later.name])
+    assert sorted(video.filename for video in sandbox.received()) == ["a.mp4", "b.mp4", "c.mp4"]
+
+
+def test_an_orphaned_journal_beside_a_missing_ledger_is_a_trace_too(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = write_config(tmp_path, sandbox)
+    write_video(tmp_path / "watched" / "a.mp4")
+    Ledger(tmp_path / "ledger.db").close()
+    (tmp_path / "ledger.db-wal").write_bytes(b"what an earlier ledger left")
+    (tmp_path / "ledger.db").unlink()
+    daemon = start(config)
+    try:
+        wait_until(lambda: pause_kind(tmp_path) == "ledger", 30, "the pause for a new ledger")
+        resumed = run_command(config, "resume")
+        assert resumed.returncode == 0 and "lifted: this ledger is new" in resumed.stdout
+        wait_until(lambda: len(sandbox.received()) == 1, 30, "the upload once a person resumed")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=30)
+    assert list(tmp_path.glob("ledger.db-wal.orphaned-*")), "the orphan is set aside, not replayed"

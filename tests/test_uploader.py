@@ -7,20 +7,22 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from memories_ingest.api import Outcome
+from memories_ingest.files import fingerprint
 from memories_ingest.sandbox import Sandbox
 from memories_ingest.uploader import (
     Client,
+    Evidence,
     FileChanged,
     ListFailed,
     SnapshotReader,
-    fingerprint,
 )
 
-from conftest import API_KEY, RawServer, read_request_head
+from conftest import API_KEY, RawServer, read_request_head, wait_until
 
 
 def test_the_reader_returns_big_blocks_and_detects_a_change(tmp_path: Path) -> None:
@@ -159,27 +161,55 @@ def test_redirects_are_not_followed_and_never_carry_the_key(tmp_path: Path) -> N
     assert seen_keys == []
 
 
-def test_find_upload_recognises_what_landed_and_skips_what_is_known(tmp_path: Path, sandbox: Sandbox) -> None:
-    before = time.time()
-    landed = send(Client(sandbox.url, API_KEY), tmp_path, size=5000)
-    assert landed.kind == "uploaded" and landed.video_no
+def send_tagged(sandbox: Sandbox, tmp_path: Path, size: int, tag: str, unique_id: str = "u") -> Outcome:
+    reader, fd = small_video(tmp_path, size)
     client = Client(sandbox.url, API_KEY)
     try:
-        found = client.find_upload(unique_id="u", name="v.mp4", size=5000, sent_at=before, known=set())
-        assert found is not None and found.video_no == landed.video_no
-        assert (
-            client.find_upload(unique_id="u", name="v.mp4", size=5000, sent_at=before, known={landed.video_no}) is None
-        )
-        assert client.find_upload(unique_id="u", name="v.mp4", size=5001, sent_at=before, known=set()) is None
-        assert client.find_upload(unique_id="other", name="v.mp4", size=5000, sent_at=before, known=set()) is None
+        return client.upload(reader, "v.mp4", "video/mp4", [("unique_id", unique_id), ("tags", tag)])
+    finally:
+        os.close(fd)
+        client.close()
+
+
+def find(sandbox: Sandbox, **query: Any) -> Evidence:
+    client = Client(sandbox.url, API_KEY)
+    try:
+        arguments: dict[str, Any] = {"unique_id": "u", "tag": "mi-mine", "size": 5000, "stem": "v", "known": set()}
+        return client.find_upload(**{**arguments, "sent_at": time.time() - 5, **query})
     finally:
         client.close()
+
+
+def test_find_upload_proves_a_landing_only_by_the_files_identity_tag(tmp_path: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=100, list_rate_per_second=100, parse_seconds=0.5) as sandbox:
+        mine = send_tagged(sandbox, tmp_path, 5000, "mi-mine")
+        theirs = send_tagged(sandbox, tmp_path, 5000, "mi-theirs")
+        before_parsing = find(sandbox)
+        assert before_parsing.landed is None and len(before_parsing.unproven) == 2, "same size, no tags yet"
+        assert find(sandbox, known={mine.video_no, theirs.video_no}).unproven == ()
+        wait_until(lambda: sandbox.video_status(mine.video_no or "") == "PARSE", what="parsing")
+        wait_until(lambda: sandbox.video_status(theirs.video_no or "") == "PARSE", what="parsing")
+        parsed = find(sandbox)
+        assert parsed.landed is not None and parsed.landed.video_no == mine.video_no
+        assert find(sandbox, tag="mi-nobodys").landed is None
+        assert find(sandbox, tag="mi-nobodys").unproven == (), "parsed videos with other tags are not candidates"
+        assert find(sandbox, unique_id="other").landed is None
+
+
+def test_find_upload_counts_the_copies_of_a_file_that_went_up_twice(tmp_path: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=100, list_rate_per_second=100, parse_seconds=0.1) as sandbox:
+        first = send_tagged(sandbox, tmp_path, 5000, "mi-mine")
+        send_tagged(sandbox, tmp_path, 5000, "mi-mine")
+        wait_until(lambda: find(sandbox).landed is not None, what="parsing")
+        evidence = find(sandbox)
+    assert evidence.landed is not None and evidence.landed.video_no == first.video_no
+    assert evidence.copies == 2
 
 
 def test_find_upload_failing_to_list_raises(tmp_path: Path, sandbox: Sandbox) -> None:
     client = Client(sandbox.url, "wrong-key")
     try:
         with pytest.raises(ListFailed):
-            client.find_upload(unique_id="u", name="v.mp4", size=1, sent_at=time.time(), known=set())
+            client.find_upload(unique_id="u", tag="mi-x", size=1, stem="v", sent_at=time.time(), known=set())
     finally:
         client.close()

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -16,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from memories_ingest.api import DIALECTS
-from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED
+from memories_ingest.files import identity_tag
+from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED, Ledger, LedgerError, Row
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 
-from conftest import Pipeline, RawServer, read_request_head, wait_until
+from conftest import API_KEY, Pipeline, RawServer, daemon_config, read_request_head, spawned, wait_until
 
 Build = Callable[..., Pipeline]
 
@@ -65,7 +68,8 @@ def test_each_codec_and_container_is_uploaded_with_its_fields(
     assert received.content_type == content_type
     assert received.sha256 == sha256(video)
     assert received.unique_id == "front-door"
-    assert received.tags == ["home", "cam", "outdoor"]
+    assert received.folder_tags == ["home", "cam", "outdoor"]
+    assert received.tags[-1] == identity_tag(row.fingerprint or "")
     assert received.fields["camera_model"] == ["Door Cam"]
     assert received.fields["latitude"] == ["51.5"] and received.fields["longitude"] == ["-0.12"]
     assert received.fields["retain_original_video"] == ["false"]
@@ -361,7 +365,7 @@ class StallingApi:
         return [length for received, length in self.bodies if received == length]
 
 
-@pytest.mark.parametrize("change", ["grow", "shrink", "replace", "delete"])
+@pytest.mark.parametrize("change", ["grow", "shrink", "replace", "delete", "rewrite keeping the mtime"])
 def test_a_file_changed_mid_upload_never_yields_a_mixed_or_truncated_upload(
     pipeline: Build, tmp_path: Path, change: str
 ) -> None:
@@ -381,6 +385,14 @@ def test_a_file_changed_mid_upload_never_yields_a_mixed_or_truncated_upload(
         elif change == "replace":
             replacement = write_video(tmp_path / "other.mp4", seconds=2)
             replacement.replace(target)
+        elif change == "rewrite keeping the mtime":
+            # rsync --inplace -t, or cp -p over the file: new bytes, the same size, the old mtime.
+            before = target.stat()
+            other = write_video(tmp_path / "other.mp4", seconds=2, faststart=True)
+            faststart_padding(other, before.st_size)
+            with target.open("r+b") as rewrite:
+                rewrite.write(other.read_bytes())
+            os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
         else:
             target.unlink()
     finally:
@@ -391,6 +403,11 @@ def test_a_file_changed_mid_upload_never_yields_a_mixed_or_truncated_upload(
     elif change == "shrink":
         row = run.wait_state(target, REJECTED)
         assert api.complete_bodies() == [] and row.error
+    elif change == "rewrite keeping the mtime":
+        row = run.wait_state(target, UPLOADED)
+        (complete,) = api.complete_bodies()
+        assert row.fingerprint is not None and row.ctime_ns == target.stat().st_ctime_ns
+        assert api.bodies[-1][0] == complete, "only the rewritten file went up whole"
     else:
         row = run.wait_state(target, UPLOADED)
         (complete,) = api.complete_bodies()
@@ -514,3 +531,74 @@ def test_indexing_results_arrive_by_callback(pipeline: Build, tmp_path: Path) ->
     run.wait_state(video, "indexed")
     (callback,) = run.sandbox.received()[0].fields["callback"]
     assert callback.startswith(f"http://127.0.0.1:{port}/memories/") and len(callback) > 40
+
+
+def test_a_name_that_is_not_utf8_goes_up_with_a_lossless_escape_and_is_kept_exactly(
+    pipeline: Build, tmp_path: Path
+) -> None:
+    run = pipeline(watch={"settle_seconds": 0})
+    name = b"caf\xe9 100%.mp4"
+    video = write_video(tmp_path / "clip.mp4")
+    target = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path / "watched"), name)))
+    video.rename(target)
+    run.start(once=True)
+    assert run.thread is not None
+    run.thread.join(timeout=60)
+    assert not run.thread.is_alive() and run.exit_code == 0
+    (received,) = run.sandbox.received()
+    assert received.filename == "caf%E9 100%25.mp4"
+    (row,) = run.ledger.rows()
+    assert os.fsencode(row.path).endswith(name) and row.state == UPLOADED
+
+
+def test_an_error_inside_the_daemon_never_leaves_a_file_uploading(
+    pipeline: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> list[tuple[str, str]]:
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "a bug in the daemon")
+
+    monkeypatch.setattr("memories_ingest.worker.upload_fields", broken)
+    run = pipeline().start()
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    row = run.wait_state(video, FAILED, timeout=60)
+    assert row.error is not None and "an error inside the daemon: UnicodeEncodeError" in row.error
+    assert run.ledger.counts()["uploading"] == 0
+
+
+def test_a_file_not_readable_yet_is_tried_again_and_uploaded_once_it_is(tmp_path: Path, sandbox: Sandbox) -> None:
+    config = daemon_config(tmp_path, sandbox)
+    video = write_video(tmp_path / "watched" / "late.mp4")
+    video.chmod(0o000)
+    command = [sys.executable, "-m", "memories_ingest.cli", "run", "-c", str(config)]
+    if os.geteuid() == 0:
+        # root reads anything: without these capabilities, file permissions apply to it too.
+        os.chown(video, 12345, 12345)
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+    daemon = spawned(
+        subprocess.Popen(command, env={**os.environ, "MEMORIES_API_KEY": API_KEY}, stderr=subprocess.PIPE, text=True)
+    )
+    try:
+        refused = wait_until(
+            lambda: (row := row_of(tmp_path, video)) and "cannot be read now" in (row.error or "") and row,
+            30,
+            "the read error",
+        )
+        assert refused.state == "pending" and sandbox.received() == []
+        video.chmod(0o644)
+        wait_until(lambda: (row := row_of(tmp_path, video)) and row.state == UPLOADED, 60, "the upload once readable")
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=30)
+    assert len(sandbox.received()) == 1
+
+
+def row_of(tmp_path: Path, path: Path) -> Row | None:
+    try:
+        ledger = Ledger(tmp_path / "ledger.db", create=False)
+    except LedgerError:
+        return None
+    try:
+        return ledger.get(path)
+    finally:
+        ledger.close()

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from . import __version__, probe
+from . import __version__, probe, prober
 from .api import DEFAULT_SCOPE, DIALECTS
 from .config import (
     DEFAULT_CONFIG_PATH,
@@ -32,6 +32,7 @@ from .config import (
     load,
     parse,
     read_api_key,
+    redact,
 )
 from .indexer import ListenFailed
 from .ledger import (
@@ -53,19 +54,26 @@ from .ledger import (
 )
 from .monitor import Metrics
 from .pacing import Access, Gate, Pace, Pacer
+from .recovery import rebuild
 from .service import Daemon, Exit, Signals
 from .uploader import Client, ListFailed
+from .view import printable
 from .watcher import Recorder
 from .worker import Settler, UploadWorker
 
 
 def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) -> None:
-    """JSON lines for journald and pipes, readable coloured lines on a terminal."""
-    renderer: Any = (
+    """JSON lines for journald and pipes, readable coloured lines on a terminal; never the API key."""
+    rendering: Any = (
         structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.plain_traceback)
         if stream.isatty()
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
+
+    def renderer(logger: Any, method: str, event: Any) -> str:
+        # The last line of defence: whatever put a key into an event, the line written has none.
+        return redact(str(rendering(logger, method, event)))
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -180,6 +188,7 @@ def _client(config: Config, key: str) -> Client:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
+    prober.start()
     log = structlog.get_logger()
     signals = Signals()
 
@@ -268,25 +277,27 @@ def render_status(document: dict[str, Any]) -> str:
     for upload in document["uploading"]:
         eta = f"ETA {upload['eta_seconds']:.0f} s" if upload["eta_seconds"] is not None else "ETA -"
         lines.append(
-            f"uploading {upload['path']} (attempt {upload['attempt']})\n"
+            f"uploading {printable(upload['path'])} (attempt {upload['attempt']})\n"
             f"  {_bar(upload['percent'])} {upload['percent']:5.1f}%  {_size(upload['bytes_sent'])} of "
             f"{_size(upload['size'])}  {_size(upload['bytes_per_second'])}/s  {eta}"
         )
     paused = document["paused"]
     if paused:
         lines.append(
-            f"paused: {paused['reason']} since {_clock(paused['since'])}, next check {_clock(paused['until'])}"
+            f"paused: {printable(paused['reason'])} since {_clock(paused['since'])}, "
+            + (f"next check {_clock(paused['until'])}" if paused["until"] else "until it is lifted")
         )
     pace = Pace.stored(document["pace"])
     if pace is not None:
         lines.append(f"pace: {pace.describe()}")
     retry = document["next_retry"]
     if retry:
-        lines.append(f"next retry: {retry['path']} at {_clock(retry['at'])} ({retry['error']})")
+        lines.append(f"next retry: {printable(retry['path'])} at {_clock(retry['at'])} ({printable(retry['error'])})")
     if document["recent_errors"]:
         lines.append("recent errors:")
         lines.extend(
-            f"  {_clock(e['at'])} {e['state']:<12} {e['path']}: {e['error']}" for e in document["recent_errors"]
+            f"  {_clock(e['at'])} {e['state']:<12} {printable(e['path'])}: {printable(e['error'])}"
+            for e in document["recent_errors"]
         )
     return "\n".join(lines)
 
@@ -334,7 +345,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         detail = row.video_no or row.error or ""
-        print(f"{row.state:<12} {row.attempts:>2}  {row.path}  {detail}")
+        print(f"{row.state:<12} {row.attempts:>2}  {printable(row.path)}  {printable(detail)}")
     return 0
 
 
@@ -348,6 +359,63 @@ def cmd_retry(args: argparse.Namespace) -> int:
     ledger.close()
     print(f"{changed} file(s) back in the queue")
     return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    ledger = _open_ledger(_ledger_path(args.config))
+    try:
+        lifted = ledger.resume(time.time())
+        if lifted is None:
+            print("uploads are not paused")
+        elif lifted.kind == "account":
+            print(f"lifted: {lifted.reason}\nthe next upload goes out now, as the trial")
+        else:
+            print(f"lifted: {lifted.reason}")
+            if lifted.kind == "ledger":
+                ledger.remember()
+    finally:
+        ledger.close()
+    return Exit.OK
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    key = _preflight(config)
+    lock = LedgerLock(config.ledger)
+    try:
+        config.ledger.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock.acquire()
+    except LedgerHeld as error:
+        print(f"memories-ingest: {error}", file=sys.stderr)
+        return Exit.LEDGER_HELD
+    ledger = _open_ledger(config.ledger, create=True)
+    client = _client(config, key)
+    try:
+        found = rebuild(
+            config, ledger, client, dry_run=args.dry_run, stop=_stop_on_signals(), report=lambda line: print(line)
+        )
+        would = "would be " if args.dry_run else ""
+        print(
+            f"{found.matched + found.by_name} file(s) {would}recorded as already on memories.ai "
+            f"({found.matched} by their identity tag, {found.by_name} by name and size), {found.known} already in "
+            f"the ledger, {found.not_found} not found there (the daemon uploads them)"
+        )
+        for problem in found.unreadable:
+            print(f"  cannot be read: {printable(problem)}")
+        if not args.dry_run:
+            pause = ledger.pause()
+            if pause is not None and pause.kind == "ledger":
+                ledger.clear_pause()
+                print("the pause for a new ledger is lifted")
+            ledger.remember()
+    except ListFailed as error:
+        print(f"memories-ingest: {error}", file=sys.stderr)
+        return Exit.UNAVAILABLE
+    finally:
+        client.close()
+        ledger.close()
+        lock.release()
+    return Exit.OK
 
 
 def _upload_folder(config: Config, path: Path, unique_id: str | None, tags: Sequence[str]) -> Folder:
@@ -410,7 +478,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     try:
         for path in paths:
             outcome = _upload_one(path, folders[path.parent], ledger, recorder, settler, uploader, gate, stop)
-            print(outcome)
+            print(printable(outcome))
             problems += not outcome.startswith(("uploaded", "already uploaded"))
             if stop.is_set():
                 break
@@ -418,7 +486,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     finally:
         client.close()
         ledger.close()
-    if pause is not None and pause.kind == "account":
+    if pause is not None and pause.kind in ("account", "ledger"):
         return Exit.PAUSED
     return 1 if problems else 0
 
@@ -461,7 +529,7 @@ def _upload_one(
             settler.validate(row, folder)
             continue
         pause = gate.pause
-        if pause is not None and pause.kind == "account":
+        if pause is not None and pause.kind in ("account", "ledger"):
             return f"paused {path}: {pause.reason}"
         wait = (row.next_attempt_at or 0) - time.time()
         if row.state == RETRYING and wait > 0:
@@ -609,6 +677,19 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--unique-id", help="the memories.ai folder scope (default: the file's watched folder's)")
     upload.add_argument("--tag", action="append", default=[], help="a tag to add; repeat for more")
     upload.set_defaults(handler=cmd_upload)
+
+    resume = commands.add_parser(
+        "resume", parents=[common], help="lift a pause of every upload now; after an account refusal, try one upload"
+    )
+    resume.set_defaults(handler=cmd_resume)
+
+    rebuilding = commands.add_parser(
+        "rebuild",
+        parents=[common],
+        help="record as uploaded every file in the folders that list_videos shows memories.ai already holds",
+    )
+    rebuilding.add_argument("--dry-run", action="store_true", help="say what would be recorded, and record nothing")
+    rebuilding.set_defaults(handler=cmd_rebuild)
 
     check = commands.add_parser(
         "check", parents=[common], help="validate the config, the ledger's place and the key, then exit"

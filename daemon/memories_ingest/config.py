@@ -16,6 +16,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .api import MAX_CALLBACK, MAX_CAMERA_MODEL, MAX_TAGS
 
+# The daemon adds one tag of its own to every upload, the file's identity: the rest are the config's.
+MAX_CONFIG_TAGS = MAX_TAGS - 1
+
 DEFAULT_CONFIG_PATH = "/etc/memories-ingest/config.yaml"
 DEFAULT_BASE_URL = "https://api.memories.ai"
 
@@ -66,8 +69,8 @@ def _tags(value: Any) -> list[str]:
         if isinstance(tag, bool) or not isinstance(tag, (str, int, float)) or not str(tag).strip():
             raise ValueError(f"{tag!r} is not a tag: tags are non-empty words")
         tags.append(str(tag).strip())
-    if len(tags) > MAX_TAGS:
-        raise ValueError(f"{len(tags)} tags, at most {MAX_TAGS} are allowed")
+    if len(tags) > MAX_CONFIG_TAGS:
+        raise ValueError(f"{len(tags)} tags, at most {MAX_CONFIG_TAGS} are allowed (the daemon adds one of its own)")
     return tags
 
 
@@ -83,7 +86,8 @@ Tags = Annotated[list[str], BeforeValidator(_tags)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    # A number of .inf or .nan passes every bound, then makes a worker spin: only finite numbers are taken.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, allow_inf_nan=False)
 
 
 class ApiSection(_Strict):
@@ -283,6 +287,8 @@ def _message(error: Any) -> str:
         limit = next(iter(error.get("ctx", {}).values()), "")
         size = "large" if kind.startswith("less") else "small"
         return f"{error['input']!r} is too {size}: it must be {bounds[kind]} {limit}"
+    if kind == "finite_number":
+        return f"{error['input']!r} is not a finite number"
     if kind in ("float_parsing", "float_type", "int_parsing", "int_type"):
         return f"{error['input']!r} is not a number"
     return message
@@ -326,9 +332,10 @@ def _folder_problems(folders: tuple[Folder, ...]) -> list[str]:
                         f"folders[{index}].move_to: {folder.move_to} is inside folders[{other_index}], "
                         "so moved files would be seen as new ones"
                     )
-        if len(folder.tags) > MAX_TAGS:
+        if len(folder.tags) > MAX_CONFIG_TAGS:
             problems.append(
-                f"folders[{index}].tags: {len(folder.tags)} tags with the defaults, at most {MAX_TAGS} are allowed"
+                f"folders[{index}].tags: {len(folder.tags)} tags with the defaults, at most {MAX_CONFIG_TAGS} are "
+                "allowed (the daemon adds one of its own)"
             )
         for earlier_index, earlier in enumerate(folders[:index]):
             if folder.path == earlier.path:
@@ -432,6 +439,24 @@ def ledger_path(path: str | os.PathLike[str]) -> Path:
     return (source.parent / os.path.expanduser(ledger.strip())).resolve()
 
 
+# Every key this process has read: the last line of defence scrubs them from any text bound for a log or the ledger.
+_SECRETS: set[str] = set()
+REDACTED = "[the API key]"
+
+
+def keep_secret(key: str) -> None:
+    """From now on, scrub this key from every text bound for a log or the ledger."""
+    if len(key) >= 4:
+        _SECRETS.add(key)
+
+
+def redact(text: str) -> str:
+    """The text without any API key this process has read in it."""
+    for secret in _SECRETS:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 class MissingApiKey(Exception):
     """No usable key: none found, or one that cannot be a key. The message never holds the key."""
 
@@ -448,6 +473,7 @@ def _usable(key: str, where: str) -> str:
             f"{where} holds a space, a control character or a character beyond ASCII, which no API key has "
             "(the key goes into the Authorization header raw, with no 'Bearer ')"
         )
+    keep_secret(key)
     return key
 
 

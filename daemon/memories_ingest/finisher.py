@@ -20,9 +20,9 @@ from pathlib import Path
 import structlog
 
 from .config import Config, Folder
+from .files import Version, fingerprint
 from .ledger import Ledger, Row
 from .pacing import RetryPolicy
-from .uploader import fingerprint
 from .worker import Worker
 
 log = structlog.get_logger()
@@ -109,7 +109,8 @@ class Finisher(Worker):
         with self._directory_of(folder, row.path) as directory:
             info = _regular_file(directory, row.path.name)
             if info is not None:
-                if not _same_file(row, info):
+                assert directory is not None
+                if not _as_uploaded(directory, row.path.name, row, info):
                     self._settle_again(row, folder, info, context)
                     return
                 assert directory is not None
@@ -136,10 +137,10 @@ class Finisher(Worker):
                 else:
                     log.info("moved after upload", moved_to=str(target), **context)
                 return
-            if not _same_file(row, info):
+            assert directory is not None
+            if not _as_uploaded(directory, name, row, info):
                 self._settle_again(row, folder, info, context)
                 return
-            assert directory is not None
             target_dir.mkdir(parents=True, exist_ok=True)
             target, placed_now = _place(directory, name, info, row, target_dir)
             _fsync_directory(target_dir)
@@ -158,7 +159,7 @@ class Finisher(Worker):
 
     def _settle_again(self, row: Row, folder: Folder, info: os.stat_result, context: Mapping[str, object]) -> None:
         """The file is no longer the one uploaded: it is checked again, and its action waits until it is delivered."""
-        self.ledger.record_seen(row.path, folder.path, folder.unique_id, info.st_size, info.st_mtime_ns, info.st_ino)
+        self.ledger.record_seen(row.path, folder.path, folder.unique_id, Version.of(info))
         log.info("the file changed after upload; it settles again before any delete or move", **context)
 
     @contextlib.contextmanager
@@ -198,8 +199,21 @@ def _describe(error: Exception) -> str:
     return f"{error.strerror}: {names}" if names else error.strerror
 
 
-def _same_file(row: Row, info: os.stat_result) -> bool:
-    return (row.size, row.mtime_ns, row.inode) == (info.st_size, info.st_mtime_ns, info.st_ino)
+def _as_uploaded(directory: int, name: str, row: Row, info: os.stat_result) -> bool:
+    """Whether the file is still the one uploaded.
+
+    When only its ctime moved (a hard link, this finisher's own among them, or a chmod), its content decides.
+    """
+    now = Version.of(info)
+    if row.version.same_as(now):
+        return True
+    if now[:3] != row.version[:3] or row.fingerprint is None:
+        return False
+    fd = os.open(name, _OPEN_FILE, dir_fd=directory)
+    try:
+        return fingerprint(fd, info.st_size) == row.fingerprint
+    finally:
+        os.close(fd)
 
 
 def _regular_file(directory: int | None, name: str) -> os.stat_result | None:
@@ -310,7 +324,7 @@ def _copy(directory: int, name: str, info: os.stat_result, target: Path) -> None
 
 
 def _same_identity(now: os.stat_result, then: os.stat_result) -> bool:
-    return (now.st_ino, now.st_size, now.st_mtime_ns) == (then.st_ino, then.st_size, then.st_mtime_ns)
+    return Version.of(now) == Version.of(then)
 
 
 def _fsync_directory(path: Path) -> None:

@@ -16,15 +16,20 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlite_utils import Database
 
+from .config import Folder, redact
+from .files import Version
 from .schema import (
     BUSY_TIMEOUT_MS,
     DELIVERED,
+    DUE,
     FAILED,
     GONE,
     INDEX_FAILED,
@@ -34,6 +39,7 @@ from .schema import (
     REJECTED,
     RETRYING,
     STATES,
+    UNCERTAIN,
     UPLOADED,
     UPLOADING,
     LedgerError,
@@ -55,6 +61,7 @@ __all__ = [
     "REJECTED",
     "RETRYING",
     "STATES",
+    "UNCERTAIN",
     "UPLOADED",
     "UPLOADING",
     "Ledger",
@@ -65,6 +72,56 @@ __all__ = [
     "Pause",
     "Row",
 ]
+
+
+# A file in the ledger's directory that outlives the ledger: which ledger was here, and how much it had recorded.
+MEMORY_NAME = ".memories-ingest-ledgers.json"
+_JOURNAL_SUFFIXES = ("-wal", "-shm", "-journal")
+
+
+def _keep_or_make_id(found: Any) -> tuple[Any, str]:
+    made = found if isinstance(found, str) and found else uuid.uuid4().hex[:16]
+    return made, made
+
+
+def _set_aside_orphans(path: Path) -> list[Path]:
+    """Move away the journal files of a ledger whose main file is gone, and return where they went."""
+    moved = []
+    for suffix in _JOURNAL_SUFFIXES:
+        orphan = path.with_name(path.name + suffix)
+        if orphan.exists():
+            target = orphan.with_name(f"{orphan.name}.orphaned-{int(time.time())}")
+            orphan.rename(target)
+            moved.append(target)
+    return moved
+
+
+def remembered(ledger: Path) -> dict[str, Any] | None:
+    """What the ledger's directory remembers of the ledger at this path."""
+    try:
+        memory = json.loads((ledger.parent / MEMORY_NAME).read_text())
+        entry = memory.get(ledger.name) if isinstance(memory, dict) else None
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def remember(ledger: Path, entry: dict[str, Any]) -> None:
+    store = ledger.parent / MEMORY_NAME
+    try:
+        memory = json.loads(store.read_text())
+    except (OSError, ValueError):
+        memory = {}
+    if not isinstance(memory, dict):
+        memory = {}
+    earlier = memory.get(ledger.name) or {}
+    # The time alone moves on every call: it is written again only hourly, to spare SD cards.
+    if {**earlier, "seen": 0} == {**entry, "seen": 0} and entry["seen"] - earlier.get("seen", 0) < 3600:
+        return
+    memory[ledger.name] = entry
+    written = store.with_name(store.name + ".new")
+    written.write_text(json.dumps(memory))
+    written.replace(store)
 
 
 def location_problem(path: Path) -> str | None:
@@ -97,14 +154,71 @@ class Ledger:
         self.path = Path(path)
         self.clock = clock
         self._lock = threading.RLock()
+        # Journal files of a ledger that is no longer there: SQLite would replay them into a new one.
+        self.orphans = _set_aside_orphans(self.path) if create and not self.path.exists() else []
         self._conn = self._connect(create)
+        info = os.stat(self.path)
+        self.identity = (info.st_dev, info.st_ino)
         self.db = Database(self._conn)
         try:
-            with self._lock:
-                migrations.apply(self.db)
+            self._migrate(create)
+        except LedgerError:
+            self._conn.close()
+            raise
         except sqlite3.Error as error:
             self._conn.close()
             raise LedgerError(f"cannot prepare the ledger {self.path}: {error}") from None
+        self.ledger_id: str = (
+            self.update_setting("ledger_id", _keep_or_make_id) if create else self.setting("ledger_id")
+        )
+
+    def _migrate(self, create: bool) -> None:
+        """Bring the schema up to date, in one transaction that waits its turn; a reader never writes.
+
+        A reader (status, list) of a ledger the daemon has not migrated yet reads the columns that are there.
+        """
+        with self._lock:
+            if not create and not self.db["files"].exists():
+                raise LedgerError(f"the ledger {self.path} is still being made: ask again in a moment")
+            if not create or not migrations.pending(self.db):
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                migrations.apply(self.db)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    def gone(self) -> str | None:
+        """Why the file this ledger writes is no longer the one at its path, if it is not: deleted, or replaced."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the ledger {self.path} was deleted while the daemon ran"
+        except OSError as error:
+            return f"the ledger {self.path} cannot be looked at: {error.strerror}"
+        if (info.st_dev, info.st_ino) != self.identity:
+            return f"the ledger {self.path} was replaced by another file while the daemon ran"
+        return None
+
+    def earlier_ledger(self) -> str | None:
+        """What says an earlier ledger kept this one's place, when this one has recorded no upload yet."""
+        if self._read("SELECT 1 FROM uploads LIMIT 1"):
+            return None
+        if self.orphans:
+            names = ", ".join(path.name for path in self.orphans)
+            return f"an earlier ledger's journal files were beside it ({names}, now set aside)"
+        memory = remembered(self.path)
+        if memory and memory.get("id") != self.ledger_id and int(memory.get("uploads", 0)) > 0:
+            seen = datetime.fromtimestamp(float(memory.get("seen", 0))).strftime("%Y-%m-%d %H:%M")
+            return f"the ledger {memory['id']} kept {memory['uploads']} uploads here (last seen {seen})"
+        return None
+
+    def remember(self) -> None:
+        """Note this ledger and its upload count in its directory, so that a ledger made after it can tell."""
+        uploads = int(self._read("SELECT COUNT(*) FROM uploads")[0][0])
+        remember(self.path, {"id": self.ledger_id, "uploads": uploads, "seen": self.clock()})
 
     def _connect(self, create: bool) -> sqlite3.Connection:
         if create:
@@ -184,56 +298,70 @@ class Ledger:
 
     # -- what the watcher and the scanner see -------------------------------------------------------------
 
-    def record_seen(
-        self, path: Path, folder: Path, unique_id: str | None, size: int, mtime_ns: int, inode: int
-    ) -> bool:
+    def record_seen(self, path: Path, folder: Path, unique_id: str | None, version: Version) -> bool:
         """Note a file as it is now. True when it needs settling: new, changed, or back after being gone."""
         now = self.clock()
         with self._write() as conn:
             found = conn.execute(
-                "SELECT id, size, mtime_ns, inode, state, prior_state FROM files WHERE path = ?", [key(path)]
+                "SELECT id, size, mtime_ns, inode, ctime_ns, state, prior_state FROM files WHERE path = ?", [key(path)]
             ).fetchone()
             if found is None:
                 conn.execute(
-                    "INSERT INTO files (path, folder, unique_id, size, mtime_ns, inode, state, stable_since,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [key(path), key(folder), unique_id, size, mtime_ns, inode, PENDING, now, now, now],
+                    "INSERT INTO files (path, folder, unique_id, size, mtime_ns, inode, ctime_ns, state, stable_since,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [key(path), key(folder), unique_id, *version, PENDING, now, now, now],
                 )
                 return True
-            unchanged = (found["size"], found["mtime_ns"], found["inode"]) == (size, mtime_ns, inode)
+            known = Version(found["size"], found["mtime_ns"], found["inode"], found["ctime_ns"])
+            unchanged = known.same_as(version)
+            if unchanged and known.ctime_ns is None:
+                # A row from before ctimes were kept: learn it, without taking the file for a new one.
+                conn.execute("UPDATE files SET ctime_ns = ? WHERE id = ?", [version.ctime_ns, found["id"]])
             if found["state"] == UPLOADING or (unchanged and found["state"] != GONE):
                 return False
             if found["state"] == PENDING:
                 prior = found["prior_state"]
-            elif found["state"] in (QUEUED, RETRYING, GONE):
+            elif found["state"] in (*DUE, GONE):
                 prior = None
             else:
                 prior = found["state"]
             conn.execute(
-                "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, state = ?, prior_state = ?,"
+                "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, ctime_ns = ?, state = ?, prior_state = ?,"
                 " stable_since = ?, unique_id = ?, folder = ?, next_attempt_at = NULL, updated_at = ?"
                 " WHERE id = ?",
-                [size, mtime_ns, inode, PENDING, prior, now, unique_id, key(folder), now, found["id"]],
+                [*version, PENDING, prior, now, unique_id, key(folder), now, found["id"]],
             )
             return True
 
-    def known(self, folder: Path) -> dict[bytes, tuple[int, int, int, str]]:
+    def known(self, folder: Path) -> dict[bytes, tuple[Version, str]]:
         """Every row under a folder, keyed by raw path: what a rescan compares the disk with."""
-        rows = self._read("SELECT path, size, mtime_ns, inode, state FROM files WHERE folder = ?", [key(folder)])
-        return {r["path"]: (r["size"], r["mtime_ns"], r["inode"], r["state"]) for r in rows}
+        rows = self._read(
+            "SELECT path, size, mtime_ns, inode, ctime_ns, state FROM files WHERE folder = ?", [key(folder)]
+        )
+        return {r["path"]: (Version(r["size"], r["mtime_ns"], r["inode"], r["ctime_ns"]), r["state"]) for r in rows}
 
     # -- settling and validation ----------------------------------------------------------------------------
 
     def pending(self) -> list[Row]:
         return [Row.from_sql(r) for r in self._read("SELECT * FROM files WHERE state = ? ORDER BY id", [PENDING])]
 
-    def note_changed(self, row_id: int, size: int, mtime_ns: int, inode: int) -> None:
+    def note_changed(self, row_id: int, version: Version) -> None:
         now = self.clock()
         with self._write() as conn:
             conn.execute(
-                "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, stable_since = ?, updated_at = ?"
+                "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, ctime_ns = ?, stable_since = ?,"
+                " next_attempt_at = NULL, updated_at = ? WHERE id = ? AND state = ?",
+                [*version, now, now, row_id, PENDING],
+            )
+
+    def mark_unreadable(self, row_id: int, at: float, error: str) -> None:
+        """The file cannot be read now (a permission, an I/O error): it stays pending, and is tried again at `at`."""
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET read_errors = read_errors + 1, next_attempt_at = ?, error = ?, updated_at = ?"
                 " WHERE id = ? AND state = ?",
-                [size, mtime_ns, inode, now, now, row_id, PENDING],
+                [at, redact(error), now, row_id, PENDING],
             )
 
     def delivered_copy(self, row: Row, fingerprint: str) -> Row | None:
@@ -251,22 +379,14 @@ class Ledger:
         """Validated: queue it, unless it changed since it was checked."""
         now = self.clock()
         with self._write() as conn:
+            # An earlier send of other content may have landed, but that is no longer this file's question.
             cursor = conn.execute(
-                "UPDATE files SET state = ?, prior_state = NULL, fingerprint = ?, media = ?, video_no = NULL,"
-                " uploaded_at = NULL, attempts = 0, error = NULL, next_attempt_at = ?, updated_at = ?"
-                " WHERE id = ? AND state = ? AND size = ? AND mtime_ns = ? AND inode = ?",
-                [
-                    QUEUED,
-                    fingerprint,
-                    json.dumps(media),
-                    now,
-                    now,
-                    row.id,
-                    PENDING,
-                    row.size,
-                    row.mtime_ns,
-                    row.inode,
-                ],
+                "UPDATE files SET state = ?, prior_state = NULL, media = ?, video_no = NULL,"
+                " sent_at = CASE WHEN fingerprint IS ? THEN sent_at ELSE NULL END, fingerprint = ?,"
+                " uploaded_at = NULL, attempts = 0, read_errors = 0, error = NULL, next_attempt_at = ?,"
+                " updated_at = ? WHERE id = ? AND state = ? AND size = ? AND mtime_ns = ? AND inode = ?"
+                " AND ctime_ns IS ?",
+                [QUEUED, json.dumps(media), fingerprint, fingerprint, now, now, row.id, PENDING, *row.version],
             )
             return cursor.rowcount == 1
 
@@ -298,7 +418,7 @@ class Ledger:
             conn.execute(
                 "UPDATE files SET state = ?, prior_state = NULL, error = ?, next_attempt_at = NULL, updated_at = ?,"
                 " sent_at = CASE WHEN ? THEN NULL ELSE sent_at END WHERE id = ?",
-                [state, reason, now, state == FAILED, row_id],
+                [state, reason and redact(reason), now, state == FAILED, row_id],
             )
 
     # -- uploading --------------------------------------------------------------------------------------
@@ -311,9 +431,9 @@ class Ledger:
         now = self.clock()
         with self._write() as conn:
             found = conn.execute(
-                "SELECT * FROM files WHERE state IN (?, ?) AND next_attempt_at <= ?"
+                f"SELECT * FROM files WHERE state IN ({','.join('?' * len(DUE))}) AND next_attempt_at <= ?"
                 f" AND folder IN ({','.join('?' * len(folder_keys))}) ORDER BY next_attempt_at, id LIMIT 1",
-                [QUEUED, RETRYING, now, *folder_keys],
+                [*DUE, now, *folder_keys],
             ).fetchone()
             if found is None:
                 return None
@@ -330,8 +450,8 @@ class Ledger:
         with self._write() as conn:
             claimed = conn.execute(
                 "UPDATE files SET state = ?, attempts = attempts + 1, bytes_sent = 0, started_at = ?, updated_at = ?"
-                " WHERE id = ? AND state IN (?, ?) AND next_attempt_at <= ?",
-                [UPLOADING, now, now, row_id, QUEUED, RETRYING, now],
+                f" WHERE id = ? AND state IN ({','.join('?' * len(DUE))}) AND next_attempt_at <= ?",
+                [UPLOADING, now, now, row_id, *DUE, now],
             ).rowcount
         return self.get_id(row_id) if claimed else None
 
@@ -343,12 +463,39 @@ class Ledger:
                 "UPDATE files SET state = ?, video_no = ?, error = ?, next_attempt_at = NULL, uploaded_at = ?,"
                 " sent_at = NULL, action = ?, action_at = ?, action_error = NULL, action_attempts = 0,"
                 " moved_to = NULL, updated_at = ? WHERE id = ?",
-                [UPLOADED, video_no, note, now, action, now, now, row.id],
+                [UPLOADED, video_no, note and redact(note), now, action, now, now, row.id],
             )
             conn.execute(
                 "INSERT INTO uploads (file_id, path, unique_id, fingerprint, size, video_no, uploaded_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [row.id, key(row.path), row.unique_id, row.fingerprint, row.size, video_no, now],
+            )
+
+    def record_rebuilt(
+        self, path: Path, folder: Folder, version: Version, content: str, video_no: str, note: str
+    ) -> None:
+        """A file that list_videos proves memories.ai already holds, recorded as if this ledger had uploaded it."""
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO files (path, folder, unique_id, size, mtime_ns, inode, ctime_ns, state, stable_since,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO NOTHING",
+                [key(path), key(folder.path), folder.unique_id, *version, PENDING, now, now, now],
+            )
+            row_id = conn.execute("SELECT id FROM files WHERE path = ?", [key(path)]).fetchone()[0]
+            conn.execute(
+                "UPDATE files SET folder = ?, unique_id = ?, size = ?, mtime_ns = ?, inode = ?, ctime_ns = ?,"
+                " state = ?, prior_state = NULL, fingerprint = ?, video_no = ?, error = ?, sent_at = NULL,"
+                " next_attempt_at = NULL, uploaded_at = ?, action = ?, action_at = ?, updated_at = ? WHERE id = ?",
+                [
+                    *(key(folder.path), folder.unique_id, *version, UPLOADED, content, video_no, note, now),
+                    *(folder.action, now, now, row_id),
+                ],
+            )
+            conn.execute(
+                "INSERT INTO uploads (file_id, path, unique_id, fingerprint, size, video_no, uploaded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [row_id, key(path), folder.unique_id, content, version.size, video_no, now],
             )
 
     def mark_progress(self, row_id: int, bytes_sent: int) -> None:
@@ -358,8 +505,9 @@ class Ledger:
 
     def recent_errors(self, limit: int = 5) -> list[Row]:
         found = self._read(
-            "SELECT * FROM files WHERE error IS NOT NULL AND state IN (?, ?, ?, ?, ?) ORDER BY updated_at DESC LIMIT ?",
-            [RETRYING, FAILED, REJECTED, INDEX_FAILED, QUEUED, limit],
+            "SELECT * FROM files WHERE error IS NOT NULL AND state IN (?, ?, ?, ?, ?, ?, ?)"
+            " ORDER BY updated_at DESC LIMIT ?",
+            [RETRYING, UNCERTAIN, FAILED, REJECTED, INDEX_FAILED, QUEUED, PENDING, limit],
         )
         return [Row.from_sql(r) for r in found]
 
@@ -382,20 +530,44 @@ class Ledger:
         with self._write() as conn:
             conn.execute("UPDATE files SET sent_at = NULL WHERE id = ?", [row_id])
 
-    def mark_retry(
-        self, row_id: int, at: float, error: str, *, answered: bool = False, uncertain: bool = False
-    ) -> None:
+    def mark_retry(self, row_id: int, at: float, error: str, *, answered: bool = False) -> None:
         """Try again at `at`. answered: the API itself refused this attempt, so it cannot have landed.
 
-        uncertain: it may have landed, whatever the row knew, so list_videos is asked before the next send.
+        A row whose whole body went out without an answer is `uncertain` instead: list_videos is asked first.
         """
         now = self.clock()
         with self._write() as conn:
             conn.execute(
-                "UPDATE files SET state = ?, next_attempt_at = ?, error = ?, updated_at = ?,"
-                " sent_at = CASE WHEN ? THEN NULL WHEN ? THEN COALESCE(sent_at, ?) ELSE sent_at END WHERE id = ?",
-                [RETRYING, at, error, now, answered, uncertain, now, row_id],
+                "UPDATE files SET sent_at = CASE WHEN ? THEN NULL ELSE sent_at END, next_attempt_at = ?, error = ?,"
+                " updated_at = ? WHERE id = ?",
+                [answered, at, redact(error), now, row_id],
             )
+            conn.execute(
+                "UPDATE files SET state = CASE WHEN sent_at IS NULL THEN ? ELSE ? END WHERE id = ?",
+                [RETRYING, UNCERTAIN, row_id],
+            )
+
+    def mark_uncertain(self, row_id: int, at: float, why: str) -> None:
+        """The upload may have landed, and list_videos cannot yet prove it either way: ask again at `at`.
+
+        Asking is not an attempt at the upload, so it is not counted as one.
+        """
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, sent_at = COALESCE(sent_at, ?), next_attempt_at = ?, error = ?,"
+                " attempts = MAX(attempts - 1, 0), updated_at = ? WHERE id = ?",
+                [UNCERTAIN, now, at, redact(why), now, row_id],
+            )
+
+    def others_in_doubt(self, row: Row) -> bool:
+        """Whether another file of the same scope, size and name may also have landed unanswered."""
+        found = self._read(
+            "SELECT path FROM files WHERE unique_id IS ? AND size = ? AND id != ? AND sent_at IS NOT NULL"
+            " AND state IN (?, ?, ?)",
+            [row.unique_id, row.size, row.id, UNCERTAIN, UPLOADING, RETRYING],
+        )
+        return any(Path(os.fsdecode(r["path"])).stem == row.path.stem for r in found)
 
     def delivered_video_numbers(self) -> set[str]:
         return {r[0] for r in self._read("SELECT video_no FROM uploads")}
@@ -420,7 +592,7 @@ class Ledger:
             conn.execute(
                 "UPDATE files SET state = ?, attempts = MAX(attempts - 1, 0), next_attempt_at = ?, sent_at = NULL,"
                 " error = COALESCE(?, error), updated_at = ? WHERE id = ? AND state = ?",
-                [QUEUED, now, note, now, row_id, UPLOADING],
+                [QUEUED, now, note and redact(note), now, row_id, UPLOADING],
             )
 
     def mark_changed(self, row_id: int) -> None:
@@ -435,12 +607,13 @@ class Ledger:
             )
 
     def requeue_interrupted(self) -> int:
-        """Rows left `uploading` by a daemon that died: back to the queue."""
+        """Rows left `uploading` by a daemon that died: back to the queue, or `uncertain` if the body went out."""
         now = self.clock()
         with self._write() as conn:
             return conn.execute(
-                "UPDATE files SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ?",
-                [QUEUED, now, now, UPLOADING],
+                "UPDATE files SET state = CASE WHEN sent_at IS NULL THEN ? ELSE ? END, next_attempt_at = ?,"
+                " updated_at = ? WHERE state = ?",
+                [QUEUED, UNCERTAIN, now, now, UPLOADING],
             ).rowcount
 
     def retry(self, paths: Iterable[Path] | None) -> int:
@@ -457,8 +630,8 @@ class Ledger:
             for path in paths:
                 changed += conn.execute(
                     "UPDATE files SET state = ?, prior_state = NULL, attempts = 0, next_attempt_at = ?,"
-                    " stable_since = ?, updated_at = ? WHERE path = ? AND state IN (?, ?, ?, ?)",
-                    [PENDING, now, now, now, key(path), FAILED, REJECTED, RETRYING, GONE],
+                    " stable_since = ?, updated_at = ? WHERE path = ? AND state IN (?, ?, ?, ?, ?)",
+                    [PENDING, now, now, now, key(path), FAILED, REJECTED, RETRYING, UNCERTAIN, GONE],
                 ).rowcount
             return changed
 
@@ -485,8 +658,8 @@ class Ledger:
         return int(
             self._read(
                 f"SELECT COUNT(*) FROM files WHERE folder IN ({','.join('?' * len(keys))})"
-                " AND (state IN (?, ?, ?) OR (state = ? AND next_attempt_at <= ?))",
-                [*keys, PENDING, QUEUED, UPLOADING, RETRYING, self.clock()],
+                " AND (state IN (?, ?, ?) OR (state IN (?, ?) AND next_attempt_at <= ?))",
+                [*keys, PENDING, QUEUED, UPLOADING, RETRYING, UNCERTAIN, self.clock()],
             )[0][0]
         )
 
@@ -527,6 +700,18 @@ class Ledger:
         found = self.setting("pause")
         return Pause.from_json(found) if found else None
 
+    def resume(self, now: float) -> Pause | None:
+        """A person lifts the pause: an account pause ends in a trial upload now, any other ends at once."""
+
+        def lift(found: Any) -> tuple[Any, Pause | None]:
+            pause = Pause.from_json(found) if found else None
+            if pause is None or pause.kind != "account":
+                return None, pause
+            return {**found, "until": now}, pause
+
+        lifted: Pause | None = self.update_setting("pause", lift)
+        return lifted
+
     def clear_pause(self) -> Pause | None:
         """Lift the pause; returns the one lifted, if there was one."""
         if self.setting("pause") is None:
@@ -542,15 +727,15 @@ class Ledger:
         pause = self.pause()
         if pause is None:
             return "open", 0.0
-        if pause.until > now:
-            return "wait", pause.until - now
+        if pause.remaining(now) > 0:
+            return "wait", pause.remaining(now)
 
         def take(found: Any) -> tuple[Any, tuple[str, float]]:
             current = Pause.from_json(found) if found else None
             if current is None:
                 return None, ("open", 0.0)
-            if current.until > now:
-                return found, ("wait", current.until - now)
+            if current.remaining(now) > 0:
+                return found, ("wait", current.remaining(now))
             if current.kind != "account":
                 return None, ("open", 0.0)
             return {**found, "until": now + hold}, ("trial", 0.0)
@@ -561,7 +746,7 @@ class Ledger:
     def end_trial(self, now: float) -> None:
         """The trial learnt nothing about the account: let the next upload be the trial, now."""
         pause = self.pause()
-        if pause is None or pause.kind != "account" or pause.until <= now:
+        if pause is None or pause.kind != "account" or pause.remaining(now) <= 0:
             return
         self.update_setting(
             "pause",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import ipaddress
 import os
-import re
 import socket
 import sqlite3
 import threading
@@ -31,6 +30,7 @@ from .api import Outcome
 from .config import Config
 from .ledger import DELIVERED, FAILED, PENDING, QUEUED, REJECTED, RETRYING, Ledger, Row
 from .pacing import Pace
+from .view import printable
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -51,7 +51,7 @@ RETRY_REASONS = (
     "changed",
     "abandoned",
 )
-PAUSE_KINDS = ("account", "indexing_window")
+PAUSE_KINDS = ("account", "indexing_window", "ledger")
 # Below this, SQLite cannot be relied on to commit; BEGIN IMMEDIATE alone would not notice.
 MIN_FREE_BYTES = 1 << 20
 PAGE_REFRESH_SECONDS = 5
@@ -133,16 +133,6 @@ class Notifier:
         notify("STOPPING=1\nSTATUS=stopping: letting uploads in flight finish")
 
 
-def _plain(value: object) -> str:
-    """Text safe to print anywhere: undecodable bytes of a file name as \\xNN, control characters as spaces."""
-    text = str(value)
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return re.sub(r"[\x00-\x1f\x7f]", " ", text)
-
-
 def status_line(document: Mapping[str, Any], folders: int, problems: Sequence[str] = ()) -> str:
     """One line for `systemctl status`, from Ledger.status(): what is watched, queued, moving and wrong."""
     counts = document["counts"]
@@ -163,7 +153,7 @@ def status_line(document: Mapping[str, Any], folders: int, problems: Sequence[st
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         parts.append(f"unhealthy: {problems[0]}{more}")
-    return _plain("; ".join(parts))
+    return printable("; ".join(parts))
 
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -191,6 +181,22 @@ class Metrics:
         )
         for reason in RETRY_REASONS:
             self.retries.labels(reason)
+        self.duplicates = Counter(
+            "memories_ingest_duplicate_uploads",
+            "Videos the server holds twice for one file, found while checking an upload whose answer was lost",
+            registry=self.registry,
+        )
+        self.possible_duplicates = Counter(
+            "memories_ingest_possible_duplicate_uploads",
+            "Uploads sent again after 6 h in which list_videos could neither prove nor rule out that they landed",
+            registry=self.registry,
+        )
+
+    def duplicates_found(self, count: int) -> None:
+        self.duplicates.inc(count)
+
+    def possible_duplicate(self) -> None:
+        self.possible_duplicates.inc()
 
     def uploaded(self, size: int, seconds: float) -> None:
         self.uploaded_bytes.inc(size)
@@ -282,7 +288,7 @@ class LedgerCollector:
             GaugeMetricFamily("memories_ingest_files", "Files in the ledger, by state", labels=["state"]),
             GaugeMetricFamily(
                 "memories_ingest_paused",
-                "1 while every upload waits, labelled with why: account or indexing_window",
+                "1 while every upload waits, labelled with why: account, indexing_window or ledger",
                 labels=["reason"],
             ),
             GaugeMetricFamily(
@@ -405,7 +411,7 @@ class MonitorServer:
             return Response("GET only\n", 405, {"Allow": "GET, HEAD"}, content_type="text/plain; charset=utf-8")
         if request.path == "/healthz":
             problems = self.problems()
-            body = "ok\n" if not problems else "".join(f"{_plain(problem)}\n" for problem in problems)
+            body = "ok\n" if not problems else "".join(f"{printable(problem)}\n" for problem in problems)
             return Response(body, 503 if problems else 200, content_type="text/plain; charset=utf-8")
         if request.path == "/metrics":
             # OpenMetrics for a Prometheus that asks for it, the classic text format for everyone else.
@@ -426,7 +432,7 @@ class MonitorServer:
 
 
 def _e(value: object) -> str:
-    return html.escape(_plain(value), quote=True)
+    return html.escape(printable(value), quote=True)
 
 
 def _when(timestamp: float | None, now: float) -> str:
@@ -484,7 +490,7 @@ def render_page(
     if paused:
         sections.append(
             f'<p class="banner">Uploads are paused: {_e(paused["reason"])}; since {_when(paused["since"], now)}, '
-            f"next check {_when(paused['until'], now)}.</p>"
+            + (f"next check {_when(paused['until'], now)}.</p>" if paused["until"] else "until it is lifted.</p>")
         )
     pace = Pace.stored(document["pace"])
     if pace is not None:

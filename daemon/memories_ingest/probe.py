@@ -14,14 +14,11 @@ description, so the caller's file offset is never moved (Linux only, like the da
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import json
 import os
 import re
 import resource
 import signal
-import stat
 import struct
 import subprocess
 import sys
@@ -31,6 +28,8 @@ from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .files import NotRegular, require_regular
 
 if TYPE_CHECKING:
     from av.codec.context import CodecContext
@@ -78,6 +77,28 @@ _ISO6709 = re.compile(
     r"(?:[+-]\d+(?:\.\d*)?)?(?:CRS[\w:.-]*)?/?"
 )
 _COORDINATE_PLACES = Decimal("0.000001")
+
+
+# What a probe process may see of the daemon's environment: enough to run Python, and nothing else. Not the
+# API key's variable, not $CREDENTIALS_DIRECTORY, not NOTIFY_SOCKET: a hostile file is parsed in there.
+_ENVIRONMENT_KEPT = frozenset(
+    {
+        "PATH",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSAFEPATH",
+        "PYTHONDONTWRITEBYTECODE",
+    }
+)
+
+
+def probe_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment for the probe's processes: an allow-list of the daemon's."""
+    return {name: value for name, value in environ.items() if name in _ENVIRONMENT_KEPT or name.startswith("LC_")}
 
 
 class Rejection(Exception):
@@ -175,49 +196,6 @@ def check_header(fd: int, size: int) -> None:
         raise Rejection(_NOT_A_CONTAINER)
 
 
-_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@contextlib.contextmanager
-def open_beneath(root: Path, path: Path, *, follow_symlinks: bool = False) -> Iterator[tuple[int, os.stat_result]]:
-    """Open a regular file inside root, one component at a time, never through a symlink and never blocking.
-
-    Each directory below root is opened relative to its parent with O_NOFOLLOW, so a symlink swapped in
-    anywhere in the path (not just the last component) fails the open instead of leading outside the
-    watched folder. O_NONBLOCK: should the name be swapped for a FIFO, the open still returns.
-    """
-    try:
-        parts = path.relative_to(root).parts
-    except ValueError:
-        raise Rejection(f"{path} is outside the watched folder {root}") from None
-    if not parts:
-        raise Rejection("not a regular file (it is a directory)")
-    try:
-        if follow_symlinks:
-            fd = os.open(path, _OPEN_FILE & ~os.O_NOFOLLOW)
-        else:
-            directory = os.open(root, _OPEN_DIRECTORY & ~os.O_NOFOLLOW)
-            try:
-                for part in parts[:-1]:
-                    below = os.open(part, _OPEN_DIRECTORY, dir_fd=directory)
-                    os.close(directory)
-                    directory = below
-                fd = os.open(parts[-1], _OPEN_FILE, dir_fd=directory)
-            finally:
-                os.close(directory)
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise Rejection("the path goes through a symbolic link, and symlinks are not followed") from None
-        raise
-    try:
-        status = os.fstat(fd)
-        _require_regular_file(status.st_mode)
-        yield fd, status
-    finally:
-        os.close(fd)
-
-
 def probe_path(path: str | os.PathLike[str], *, require_audio: bool = False, timeout: float = 30.0) -> MediaInfo:
     """Check and probe the file at ``path``; raise :class:`Rejection` if it will not be uploaded.
 
@@ -279,6 +257,7 @@ def _probe_in_new_interpreter(
         # `-m` puts the working directory first on the child's sys.path; it must not be a
         # folder where files arrive that could pass for modules.
         cwd="/",
+        env=probe_environment(),
         start_new_session=True,
     ) as child:
         try:
@@ -315,18 +294,10 @@ def iter_top_level_boxes(fd: int, size: int) -> Iterator[Box]:
 
 
 def _require_regular_file(mode: int) -> None:
-    if stat.S_ISREG(mode):
-        return
-    kinds = {
-        stat.S_ISDIR: "a directory",
-        stat.S_ISLNK: "a symbolic link",
-        stat.S_ISFIFO: "a FIFO",
-        stat.S_ISSOCK: "a socket",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-    }
-    kind = next((name for test, name in kinds.items() if test(mode)), "not a file")
-    raise Rejection(f"not a regular file (it is {kind})")
+    try:
+        require_regular(mode)
+    except NotRegular as error:
+        raise Rejection(str(error)) from None
 
 
 def _container_family(head: bytes) -> str | None:

@@ -71,6 +71,11 @@ class Prober:
                 self._discard(zygote)
         raise ProberUnavailable("the probe's fork server failed twice")
 
+    def start(self) -> None:
+        """Start the zygote now rather than at the first probe; a zygote that cannot start is not an error here."""
+        with contextlib.suppress(ProberUnavailable):
+            self._running()
+
     def close(self) -> None:
         """Stop the zygote and the children it has running; a later probe starts a new one."""
         with self._lock:
@@ -110,6 +115,7 @@ class _Zygote:
                     pass_fds=(theirs.fileno(),),
                     # `-m` puts the working directory first on sys.path: not a folder where files arrive.
                     cwd="/",
+                    env=probe.probe_environment(),
                     # Out of the terminal's process group: the daemon stops it, by closing the control socket.
                     start_new_session=True,
                 )
@@ -230,6 +236,11 @@ def probe_fd(fd: int, *, require_audio: bool, timeout: float, cpu_seconds: int, 
     return _shared.probe(
         fd, require_audio=require_audio, timeout=timeout, cpu_seconds=cpu_seconds, memory_bytes=memory_bytes
     )
+
+
+def start() -> None:
+    """Start the daemon's zygote: before the API key is read, so that nothing of it could reach the zygote."""
+    _shared.start()
 
 
 def close() -> None:

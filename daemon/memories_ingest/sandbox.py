@@ -51,6 +51,7 @@ from werkzeug.wrappers import Response
 from werkzeug.wsgi import get_content_length, get_input_stream
 
 from . import api
+from .files import IDENTITY_TAG_PREFIX
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -151,6 +152,11 @@ class ReceivedVideo:
     @property
     def tags(self) -> list[str]:
         return list(self.fields.get("tags", []))
+
+    @property
+    def folder_tags(self) -> list[str]:
+        """The tags without the identity tag the daemon adds to every upload."""
+        return [tag for tag in self.tags if not tag.startswith(IDENTITY_TAG_PREFIX)]
 
 
 @dataclass(frozen=True)
@@ -587,6 +593,7 @@ class Sandbox:
                 code=code,
                 filename=filename,
                 size=size,
+                arrived_at=round(arrived_at, 6),
             )
         if answer is None:
             raise _AbortConnection

@@ -14,17 +14,22 @@ from typing import Any
 
 from sqlite_utils import Database, Migrations
 
+from .files import Version
+
 PENDING = "pending"
 QUEUED = "queued"
 UPLOADING = "uploading"
 RETRYING = "retrying"
+UNCERTAIN = "uncertain"
 UPLOADED = "uploaded"
 INDEXED = "indexed"
 INDEX_FAILED = "index_failed"
 REJECTED = "rejected"
 FAILED = "failed"
 GONE = "gone"
-STATES = (PENDING, QUEUED, UPLOADING, RETRYING, UPLOADED, INDEXED, INDEX_FAILED, REJECTED, FAILED, GONE)
+STATES = (PENDING, QUEUED, UPLOADING, RETRYING, UNCERTAIN, UPLOADED, INDEXED, INDEX_FAILED, REJECTED, FAILED, GONE)
+# Claimable for an upload once next_attempt_at has come: an uncertain row is first checked with list_videos.
+DUE = (QUEUED, RETRYING, UNCERTAIN)
 DELIVERED = (UPLOADED, INDEXED, INDEX_FAILED)
 BUSY_TIMEOUT_MS = 15_000
 
@@ -114,6 +119,20 @@ def index_actions(db: Database) -> None:
     db.execute("CREATE INDEX files_action ON files (action_at) WHERE action IS NOT NULL")
 
 
+@migrations()
+def add_ctime_and_read_errors(db: Database) -> None:
+    """The ctime joins every same-file check: a rewrite that restores the mtime, or a chmod, changes only it.
+
+    A file that cannot be read yet (a permission, an I/O error) is checked again with backoff; the row counts how
+    often. Rows from before keep a NULL ctime until they are next seen, and are not changed by that.
+    """
+    db.execute("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
+    db.execute("ALTER TABLE files ADD COLUMN read_errors INTEGER NOT NULL DEFAULT 0")
+
+
+_UNSET: dict[str, Any] = {"action_attempts": 0, "read_errors": 0}
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or written; the message says what to fix."""
 
@@ -152,10 +171,20 @@ class Row:
     action_error: str | None
     action_attempts: int
     action_at: float | None
+    ctime_ns: int | None
+    read_errors: int
+
+    @property
+    def version(self) -> Version:
+        return Version(self.size, self.mtime_ns, self.inode, self.ctime_ns)
 
     @classmethod
     def from_sql(cls, record: sqlite3.Row) -> Row:
-        values = {f.name: record[f.name] for f in fields(cls)}
+        # A reader of a ledger whose schema the daemon has not brought up to date yet: what is not there is unset.
+        present = set(record.keys())
+        values: dict[str, Any] = {
+            f.name: record[f.name] if f.name in present else _UNSET.get(f.name) for f in fields(cls)
+        }
         values["path"] = Path(os.fsdecode(values["path"]))
         values["folder"] = Path(os.fsdecode(values["folder"]))
         values["media"] = json.loads(values["media"]) if values["media"] else None
@@ -174,16 +203,20 @@ class Row:
 class Pause:
     """Why every upload waits, and when the daemon next tries.
 
-    kind is `account` (the account refused uploads; cause says why) or `indexing_window`. key_id is the
-    fingerprint of the key that was refused, so that a new key lifts a pause the old one caused.
+    kind is `account` (the account refused uploads; cause says why), `indexing_window`, or `ledger` (a new
+    ledger where an earlier one was). key_id is the fingerprint of the key that was refused, so that a new key
+    lifts a pause the old one caused. until None: until a person lifts it (`memories-ingest resume`).
     """
 
     reason: str
     since: float
-    until: float
+    until: float | None
     kind: str
     cause: str | None = None
     key_id: str | None = None
+
+    def remaining(self, now: float) -> float:
+        return float("inf") if self.until is None else self.until - now
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Pause:

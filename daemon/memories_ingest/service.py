@@ -15,7 +15,7 @@ from . import prober
 from .config import Config, ConfigError
 from .finisher import Finisher
 from .indexer import ACCEPT_WAIT_SECONDS, IDLE_SECONDS, CallbackListener, Indexer, callback_token, callback_url
-from .ledger import Ledger
+from .ledger import Ledger, Pause
 from .monitor import STATUS_SECONDS, Metrics, MonitorServer, Notifier, status_line
 from .pacing import Gate, Pacer, RetryPolicy
 from .uploader import Client
@@ -173,6 +173,7 @@ class Daemon:
         for uploader in self.uploaders:
             uploader.on_progress = functools.partial(self._saw_progress, uploader.name)
         self.ledger_moved_at = time.monotonic()
+        self.ledger_lost: str | None = None
         self.main_loop_at = time.monotonic()
         self._counts: dict[str, int] = {}
         self._next_status = 0.0
@@ -193,6 +194,15 @@ class Daemon:
         self.scanner.request(None)
 
     def start(self) -> None:
+        earlier = self.ledger.earlier_ledger()
+        if earlier is not None and self.ledger.pause() is None:
+            reason = (
+                f"this ledger is new, but {earlier}: uploading now would send every file again. Run "
+                "`memories-ingest rebuild` to recover what was delivered from list_videos, or `memories-ingest "
+                "resume` to upload everything anyway"
+            )
+            self.ledger.set_pause(Pause(reason=reason, since=time.time(), until=None, kind="ledger"))
+            log.error("UPLOADS PAUSED: THE LEDGER IS NEW, BUT AN EARLIER ONE WAS HERE", reason=reason)
         pause = self.ledger.pause()
         if pause is not None and pause.cause in ("key", "permission") and pause.key_id != self.client.key_id:
             self.ledger.clear_pause()
@@ -229,6 +239,11 @@ class Daemon:
         code = Exit.OK
         while not self.stop.wait(0.2) and not self.signals.stops:
             self.main_loop_at = time.monotonic()
+            gone = self.ledger.gone()
+            if gone is not None:
+                log.error("LEDGER GONE: stopping, so that nothing is uploaded twice", reason=gone)
+                self.ledger_lost = gone
+                break
             if self.watcher is not None:
                 self.watcher.supervise()
             self.report()
@@ -237,13 +252,15 @@ class Daemon:
             if not self.once:
                 continue
             pause = self.gate.pause
-            if pause is not None and pause.kind == "account":
+            if pause is not None and pause.kind in ("account", "ledger"):
                 log.error("stopping: uploads are paused", reason=pause.reason)
                 code = Exit.PAUSED
                 break
             if self.idle():
                 break
         self.shutdown()
+        if self.ledger_lost is not None:
+            return Exit.LEDGER_WRITE
         fatal = next((worker.fatal for worker in self.workers if worker.fatal), None)
         if fatal is not None:
             log.error("stopping: the ledger cannot be written; nothing was lost", error=str(fatal))
@@ -276,7 +293,18 @@ class Daemon:
             summary = self.status_summary()
             if summary is not None:
                 self.notifier.status(summary)
+            self.remember_ledger()
         self.notifier.watchdog(self.stalled)
+
+    def remember_ledger(self) -> None:
+        """Note this ledger in its directory, unless it is the new one that waits for a person to decide."""
+        pause = self.ledger.pause()
+        if pause is not None and pause.kind == "ledger":
+            return
+        try:
+            self.ledger.remember()
+        except OSError as error:
+            log.warning("cannot note the ledger in its directory", error=error.strerror)
 
     def status_summary(self) -> str | None:
         try:
@@ -351,4 +379,6 @@ class Daemon:
         if self.monitor is not None:
             self.monitor.stop()
         prober.close()
+        if self.ledger_lost is None:
+            self.remember_ledger()
         log.info("stopped")

@@ -7,7 +7,6 @@ an exception message: requests puts the URL in its errors, never the headers.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import os
 import re
 import threading
@@ -26,14 +25,14 @@ from urllib3.util.retry import Retry
 
 from . import api
 from .api import Outcome, classify
-from .config import Folder, key_fingerprint
+from .config import Folder, keep_secret, key_fingerprint
+from .files import Version, identity_tag
 from .ledger import Row
 from .pacing import RateLimiter
 
 log = structlog.get_logger()
 
 READ_BLOCK = 1 << 20
-FINGERPRINT_SAMPLE = 1 << 20
 # list_videos allows 5 requests per second; one less leaves room for another process on the same key.
 LIST_RATE_PER_SECOND = api.LIST_RATE_PER_SECOND - 1
 
@@ -44,15 +43,6 @@ class FileChanged(Exception):
 
 class Abandoned(Exception):
     """The daemon is shutting down and gave up this upload before its end."""
-
-
-def fingerprint(fd: int, size: int) -> str:
-    """The size and the first and last MiB: cheap to take, and different for any new recording."""
-    digest = hashlib.sha256(str(size).encode())
-    digest.update(os.pread(fd, FINGERPRINT_SAMPLE, 0))
-    if size > FINGERPRINT_SAMPLE:
-        digest.update(os.pread(fd, FINGERPRINT_SAMPLE, max(size - FINGERPRINT_SAMPLE, FINGERPRINT_SAMPLE)))
-    return digest.hexdigest()
 
 
 # What to do once the connection is open, just before the request line goes out: wait for the upload's slot.
@@ -107,7 +97,7 @@ class _Adapter(HTTPAdapter):
 class SnapshotReader:
     """The file part of the body: reads big blocks from one descriptor and checks the file at the end.
 
-    Before the last block goes out, size, mtime and inode are compared with what was validated; on any
+    Before the last block goes out, size, mtime, inode and ctime are compared with what was validated; on any
     change it raises, so the server never receives a complete body of mixed or truncated bytes.
     """
 
@@ -159,11 +149,11 @@ class SnapshotReader:
             named = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             raise FileChanged("the file was deleted during upload") from None
-        identity = (self.expected.st_size, self.expected.st_mtime_ns, self.expected.st_ino)
-        if (now.st_size, now.st_mtime_ns, now.st_ino) != identity:
-            raise FileChanged("the file was modified during upload")
         if (named.st_ino, named.st_dev) != (self.expected.st_ino, self.expected.st_dev):
             raise FileChanged("the file was replaced during upload")
+        # The ctime too: a rewrite in place that restores the mtime (rsync --inplace -t, cp -p) changes only it.
+        if Version.of(now) != Version.of(self.expected):
+            raise FileChanged("the file was modified during upload")
 
 
 class _BlockReader:
@@ -205,6 +195,7 @@ class Client:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.key_id = key_fingerprint(api_key)
+        keep_secret(api_key)
         self.session.headers["Authorization"] = api_key
         self.session.headers["User-Agent"] = "memories-ingest"
 
@@ -251,29 +242,47 @@ class Client:
         return [_listed(item) for item in videos if isinstance(item, dict)]
 
     def find_upload(
-        self, *, unique_id: str | None, name: str, size: int, sent_at: float, known: set[str], pages: int = 10
-    ) -> ListedVideo | None:
-        """The video an unanswered upload created, if the server has it: same size, created after the send.
+        self,
+        *,
+        unique_id: str | None,
+        tag: str,
+        size: int,
+        stem: str,
+        sent_at: float,
+        known: set[str],
+        pages: int = 10,
+    ) -> Evidence:
+        """What list_videos says about an upload whose answer was lost.
 
-        Clocks differ, so the window opens ten minutes before the send; a video already in the ledger never
-        matches. A name match is preferred, since the server may store the file under a name of its own.
+        Proof is the file's identity tag, which every upload carries and which list_videos lists (and filters
+        by) once a video is parsed. Without it, a video of the same size created since the send that is not
+        yet parsed could be this upload, or another file's: it is counted, never taken. Clocks differ, so the
+        window opens ten minutes before the send; a video already in the ledger is never a candidate.
         """
-        window_start = sent_at - 600
-        candidates: list[ListedVideo] = []
+        tagged = [
+            video
+            for video in self.list_videos(unique_id=unique_id, tag=tag, size=api.LIST_PAGE_SIZE)
+            if video.tags is not None and tag in video.tags
+        ]
+        if tagged:
+            tagged.sort(key=lambda video: (video.created_at or 0.0, video.video_no))
+            return Evidence(landed=tagged[0], copies=len(tagged))
+        window_start = sent_at - CLOCK_SLACK_SECONDS
+        unproven: list[ListedVideo] = []
         for page in range(1, pages + 1):
             videos = self.list_videos(unique_id=unique_id, page=page)
-            for video in videos:
-                if video.video_no in known or video.size != size:
-                    continue
-                if video.created_at is None or video.created_at >= window_start:
-                    candidates.append(video)
+            unproven += [
+                video
+                for video in videos
+                if video.size == size
+                and video.video_no not in known
+                and video.tags is None
+                and (video.created_at is None or video.created_at >= window_start)
+            ]
             oldest = min((v.created_at for v in videos if v.created_at is not None), default=None)
-            if not videos or (oldest is not None and oldest < window_start):
+            if len(videos) < api.LIST_PAGE_SIZE or (oldest is not None and oldest < window_start):
                 break
-        stem = os.path.splitext(name)[0]
-        named = [v for v in candidates if v.name == stem]
-        best = named or candidates
-        return best[0] if best else None
+        return Evidence(unproven=tuple(unproven), named=tuple(v for v in unproven if v.name == stem))
 
     def upload(
         self,
@@ -318,6 +327,23 @@ class Client:
             except ValueError:
                 body = None
             return classify(response.status_code, body, response.headers)
+
+
+# The API's clock is not ours: a video counts as created after a send from this long before it.
+CLOCK_SLACK_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What list_videos shows of an upload that may have landed."""
+
+    # The video that carries the file's identity tag, the oldest when several do (copies counts them all).
+    landed: ListedVideo | None = None
+    copies: int = 0
+    # Videos that could be this upload but cannot be told apart yet: the same size, created since, not parsed.
+    unproven: tuple[ListedVideo, ...] = ()
+    # Of those, the ones the server named after the file's stem (it sometimes does).
+    named: tuple[ListedVideo, ...] = ()
 
 
 class ListFailed(Exception):
@@ -404,6 +430,9 @@ def upload_fields(folder: Folder, row: Row, callback_url: str | None = None) -> 
         fields.append(("unique_id", folder.unique_id))
     fields.append(("datetime_taken", capture_time(row)))
     fields.extend(("tags", tag) for tag in folder.tags)
+    if row.fingerprint:
+        # The daemon's own tag: list_videos can prove later which file a video is, should an answer be lost.
+        fields.append(("tags", identity_tag(row.fingerprint)))
     optional = {
         "camera_model": camera_model,
         "latitude": latitude,

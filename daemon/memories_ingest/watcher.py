@@ -32,6 +32,7 @@ from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, Event
 from watchdog.observers.polling import PollingEmitter
 
 from .config import Config, Folder
+from .files import Version
 from .ledger import GONE, PENDING, QUEUED, RETRYING, Ledger
 
 log = structlog.get_logger()
@@ -201,9 +202,7 @@ class Recorder:
                 return False
             if not stat.S_ISREG(info.st_mode):
                 return False
-        changed = self.ledger.record_seen(
-            path, folder.path, folder.unique_id, info.st_size, info.st_mtime_ns, info.st_ino
-        )
+        changed = self.ledger.record_seen(path, folder.path, folder.unique_id, Version.of(info))
         if changed:
             self.wake.set()
         return changed
@@ -214,7 +213,7 @@ class Recorder:
         changed = 0
         for path, info in walk(folder, root, follow_symlinks=self.config.watch.follow_symlinks):
             found = known.pop(os.fsencode(path), None)
-            if found is not None and found[:3] == (info.st_size, info.st_mtime_ns, info.st_ino) and found[3] != GONE:
+            if found is not None and found[0] == Version.of(info) and found[1] != GONE:
                 continue
             if self.record(Path(path), info, folder):
                 changed += 1
@@ -222,8 +221,8 @@ class Recorder:
             self._forget_missing(known)
         return changed
 
-    def _forget_missing(self, missing: dict[bytes, tuple[int, int, int, str]]) -> None:
-        for key, (_, _, _, state) in missing.items():
+    def _forget_missing(self, missing: dict[bytes, tuple[Version, str]]) -> None:
+        for key, (_, state) in missing.items():
             if state in (PENDING, QUEUED, RETRYING):
                 row = self.ledger.get(os.fsdecode(key))
                 if row is not None and row.state == state:

@@ -19,6 +19,7 @@ import structlog
 from . import probe
 from .api import Outcome
 from .config import Config, Folder
+from .files import NotRegular, Version, fingerprint, identity_tag, open_beneath, wire_name
 from .ledger import Ledger, LedgerError, Row
 from .monitor import Metrics
 from .pacing import Access, Gate, Pacer, RetryPolicy
@@ -28,7 +29,6 @@ from .uploader import (
     FileChanged,
     ListFailed,
     SnapshotReader,
-    fingerprint,
     upload_fields,
 )
 from .watcher import Recorder, Watcher
@@ -37,6 +37,12 @@ log = structlog.get_logger()
 
 UNRECOGNISED_ATTEMPTS = 3
 FILE_RETRY_POLICY = RetryPolicy()
+READ_RETRY_POLICY = RetryPolicy()
+# An upload that may have landed is asked about again after a quarter of the time since its send, in these bounds,
+# and sent again when nothing proves it either way this long after the send.
+UNCERTAIN_CHECK_FLOOR = 2.0
+UNCERTAIN_CHECK_CAP = 600.0
+UNCERTAIN_SECONDS = 6 * 3600.0
 
 
 class Worker:
@@ -94,10 +100,6 @@ class ProgressWriter:
         if now - self.last >= self.INTERVAL:
             self.last = now
             self.ledger.mark_progress(self.row_id, bytes_sent)
-
-
-def _same_file(row: Row, info: os.stat_result) -> bool:
-    return (row.size, row.mtime_ns, row.inode) == (info.st_size, info.st_mtime_ns, info.st_ino)
 
 
 class Scanner(Worker):
@@ -209,27 +211,39 @@ class Settler(Worker):
             )
             return None
         except OSError as error:
-            return self.clock() + self.config.watch.settle_seconds + (0 if error.errno else 1)
+            return self._unreadable(row, error)
         if not stat.S_ISREG(info.st_mode):
             self._reject(row, "not a regular file")
             return None
-        if not _same_file(row, info):
-            self.ledger.note_changed(row.id, info.st_size, info.st_mtime_ns, info.st_ino)
+        if not row.version.same_as(Version.of(info)):
+            self.ledger.note_changed(row.id, Version.of(info))
             return self.clock() + self.config.watch.settle_seconds
-        due = row.stable_since + self.config.watch.settle_seconds
+        due = max(row.stable_since + self.config.watch.settle_seconds, row.next_attempt_at or 0.0)
         if self.clock() < due:
             return due
         self.validate(row, folder)
         return None
 
+    def _unreadable(self, row: Row, error: OSError) -> float:
+        """A permission or an I/O error says nothing about what the file is: look again later, with backoff."""
+        at = self.clock() + READ_RETRY_POLICY.delay(row.read_errors + 1)
+        reason = f"cannot be read now, will try again: {error.strerror or error}"
+        self.ledger.mark_unreadable(row.id, at, reason)
+        log.warning(
+            "cannot read a file; trying again later",
+            path=str(row.path),
+            unique_id=row.unique_id,
+            state="pending",
+            reason=reason,
+            retry_in=round(at - self.clock(), 1),
+        )
+        return at
+
     def validate(self, row: Row, folder: Folder) -> None:
         try:
-            with probe.open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (
-                fd,
-                info,
-            ):
-                if not _same_file(row, info):
-                    self.ledger.note_changed(row.id, info.st_size, info.st_mtime_ns, info.st_ino)
+            with open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (fd, info):
+                if not row.version.same_as(Version.of(info)):
+                    self.ledger.note_changed(row.id, Version.of(info))
                     return
                 self.check_policy(folder, info)
                 probe.check_header(fd, info.st_size)
@@ -240,14 +254,14 @@ class Settler(Worker):
         except FileNotFoundError:
             self.ledger.mark_gone(row.id)
             return
-        except probe.Rejection as rejection:
+        except (probe.Rejection, NotRegular) as rejection:
             if self.stop.is_set():
                 # A shutdown signal may have reached the probe too: check the file again next time.
                 return
             self._reject(row, str(rejection))
             return
         except OSError as error:
-            self._reject(row, f"cannot be read: {error.strerror}")
+            self._unreadable(row, error)
             return
         original = self.ledger.delivered_copy(row, content)
         if original is not None:
@@ -417,11 +431,9 @@ class UploadWorker(Worker):
         if row.sent_at is not None and self.reconcile(row, context):
             return None
         try:
-            with probe.open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (
-                fd,
-                info,
-            ):
-                if not _same_file(row, info) or (row.fingerprint and fingerprint(fd, info.st_size) != row.fingerprint):
+            with open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (fd, info):
+                unchanged = row.version.same_as(Version.of(info))
+                if not unchanged or (row.fingerprint and fingerprint(fd, info.st_size) != row.fingerprint):
                     self.ledger.mark_changed(row.id)
                     log.info("file changed before upload; settling again", state="pending", **context)
                     return None
@@ -438,7 +450,7 @@ class UploadWorker(Worker):
                 upload_started = time.monotonic()
                 outcome = self.client.upload(
                     reader,
-                    row.path.name,
+                    wire_name(row.path),
                     content_type,
                     upload_fields(folder, row, self.callback_url),
                     before_send=self.take_slot,
@@ -457,10 +469,17 @@ class UploadWorker(Worker):
             self.metrics.retried("abandoned")
             log.warning("upload abandoned at shutdown; it goes first next time", state="queued", **context)
             return None
-        except (probe.Rejection, OSError) as error:
-            reason = str(error) if isinstance(error, probe.Rejection) else f"cannot be opened: {error.strerror}"
-            self.ledger.mark_rejected(row.id, reason)
-            log.warning("rejected", state="rejected", reason=reason, **context)
+        except NotRegular as error:
+            self.ledger.mark_rejected(row.id, str(error))
+            log.warning("rejected", state="rejected", reason=str(error), **context)
+            return None
+        except OSError as error:
+            reason = f"cannot be opened now, will try again: {error.strerror or error}"
+            delay = self.policy.delay(row.attempts)
+            self.ledger.mark_retry(row.id, self.clock() + delay, reason, answered=True)
+            log.warning(
+                "upload failed; will retry", state="retrying", reason=reason, retry_in=round(delay, 1), **context
+            )
             return None
         self.record(row, outcome, context)
         self.metrics.answered(outcome, row.size, time.monotonic() - upload_started)
@@ -469,34 +488,67 @@ class UploadWorker(Worker):
     def reconcile(self, row: Row, context: Mapping[str, object]) -> bool:
         """An earlier attempt sent the whole body but no answer was stored: ask the server before sending again.
 
-        True when the row is settled here (found, or the question could not be asked); False to upload.
+        True when the row is settled here (it landed, or it stays uncertain); False to send the file now. A
+        video is taken for this file's only on proof: its identity tag, or (when the server names videos after
+        their files) the one video of its name and size, which no other file in doubt could also claim.
         """
-        assert row.sent_at is not None
+        assert row.sent_at is not None and row.fingerprint is not None
         try:
-            found = self.client.find_upload(
+            evidence = self.client.find_upload(
                 unique_id=row.unique_id,
-                name=row.path.name,
+                tag=identity_tag(row.fingerprint),
                 size=row.size,
+                stem=row.path.stem,
                 sent_at=row.sent_at,
                 known=self.ledger.delivered_video_numbers(),
             )
         except ListFailed as error:
-            delay = self.policy.delay(row.attempts)
-            self.ledger.mark_retry(row.id, self.clock() + delay, f"an earlier upload may have landed; {error}")
-            log.warning("cannot check an unanswered upload; will retry", reason=str(error), **context)
+            self.stay_uncertain(row, f"an earlier upload may have landed, and list_videos cannot tell: {error}")
             return True
-        if found is None:
+        if evidence.landed is not None:
+            note = "recovered from list_videos: it carries this file's identity tag"
+            if evidence.copies > 1:
+                note += f"; the server holds {evidence.copies} copies, {evidence.copies - 1} of them duplicates"
+                self.metrics.duplicates_found(evidence.copies - 1)
+                log.warning("duplicate uploads of one file", copies=evidence.copies, **context)
+            self.recovered(row, evidence.landed.video_no, note, context)
+            return True
+        if len(evidence.named) == 1 and not self.ledger.others_in_doubt(row):
+            note = "recovered from list_videos: the only video of its name and size since the send"
+            self.recovered(row, evidence.named[0].video_no, note, context)
+            return True
+        if not evidence.unproven:
             self.ledger.mark_answered(row.id)
             log.info("an unanswered upload did not land; sending again", **context)
             return False
-        folder = self.config.folder_for(row.path)
-        action = folder.action if folder else None
-        self.ledger.mark_uploaded(
-            row, found.video_no, "recovered from list_videos after an unanswered upload", action=action
+        if self.clock() - row.sent_at >= UNCERTAIN_SECONDS:
+            self.ledger.mark_answered(row.id)
+            self.metrics.possible_duplicate()
+            log.warning(
+                "POSSIBLE DUPLICATE: an upload still unproven either way after 6 h is sent again",
+                unproven=len(evidence.unproven),
+                **context,
+            )
+            return False
+        self.stay_uncertain(
+            row,
+            f"an earlier upload may have landed: {len(evidence.unproven)} video(s) of its size are not parsed yet, "
+            "and only their tags can tell; asking again",
         )
-        self.actions_ready.set()
-        log.warning("an unanswered upload had landed; not sending it again", video_no=found.video_no, **context)
         return True
+
+    def recovered(self, row: Row, video_no: str, note: str, context: Mapping[str, object]) -> None:
+        folder = self.config.folder_for(row.path)
+        self.ledger.mark_uploaded(row, video_no, note, action=folder.action if folder else None)
+        self.actions_ready.set()
+        log.warning("an unanswered upload had landed; not sending it again", video_no=video_no, **context)
+
+    def stay_uncertain(self, row: Row, why: str) -> None:
+        """Ask again later, sooner while the send is recent: parsing, which lists the tags, takes minutes."""
+        assert row.sent_at is not None
+        delay = min(UNCERTAIN_CHECK_CAP, max(UNCERTAIN_CHECK_FLOOR, (self.clock() - row.sent_at) / 4))
+        self.ledger.mark_uncertain(row.id, self.clock() + delay, why)
+        log.warning("uncertain whether an upload landed", state="uncertain", reason=why, path=str(row.path))
 
     def record(self, row: Row, outcome: Outcome, context: Mapping[str, object]) -> None:
         """Store what an answer means for the file; the gate hears what it means for the account in loop()."""
@@ -517,10 +569,10 @@ class UploadWorker(Worker):
             log.error("failed: the server refused the file", state="failed", reason=outcome.message, **context)
         elif outcome.kind == "duplicate":
             delay = self.policy.delay(row.attempts)
-            self.ledger.mark_retry(row.id, self.clock() + delay, f"{outcome.message}: {outcome.advice}", uncertain=True)
+            self.ledger.mark_uncertain(row.id, self.clock() + delay, f"{outcome.message}: {outcome.advice}")
             log.warning(
                 "the API refused a duplicate request; asking list_videos before sending again",
-                state="retrying",
+                state="uncertain",
                 reason=outcome.message,
                 retry_in=round(delay, 1),
                 **context,
