@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ import yaml
 
 from memories_ingest.api import V1
 from memories_ingest.config import Config, parse
-from memories_ingest.ledger import Ledger, Row
+from memories_ingest.ledger import Ledger, LedgerError, Pause, Row
 from memories_ingest.pacing import RetryPolicy
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
@@ -210,6 +212,44 @@ def daemon_config(tmp_path: Path, sandbox: Sandbox, **sections: Any) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+COMMAND = [sys.executable, "-m", "memories_ingest.cli"]
+
+
+def run_cli(config: Path, *args: str, key: str = API_KEY) -> subprocess.CompletedProcess[str]:
+    """One `memories-ingest` command on this config, in a process of its own."""
+    return subprocess.run(
+        [*COMMAND, *args, "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MEMORIES_API_KEY": key},
+        timeout=120,
+    )
+
+
+@contextlib.contextmanager
+def read_ledger(tmp_path: Path) -> Iterator[Ledger | None]:
+    """The ledger under tmp_path, opened as `status` opens it: None while no daemon has made it."""
+    try:
+        ledger = Ledger(tmp_path / "ledger.db", create=False)
+    except LedgerError:
+        yield None
+        return
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def row_of(tmp_path: Path, path: Path) -> Row | None:
+    with read_ledger(tmp_path) as ledger:
+        return None if ledger is None else ledger.get(path)
+
+
+def pause_of(tmp_path: Path) -> Pause | None:
+    with read_ledger(tmp_path) as ledger:
+        return None if ledger is None else ledger.pause()
 
 
 _spawned: list[subprocess.Popen[str]] = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import yaml
 from memories_ingest.files import Version
 from memories_ingest.ledger import FAILED, UPLOADED, Ledger, Pause
 from memories_ingest.pacing import Pacer
-from memories_ingest.samples import write_video
+from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 
 from conftest import API_KEY, daemon_config, spawned, wait_until
@@ -131,7 +133,10 @@ def test_retry_puts_failed_files_back(config_file: Path, tmp_path: Path, sandbox
     assert [r["path"] for r in failed] == [str(video)]
     assert "callback is not a valid URL" in failed[0]["error"]
     result = cli("retry", "--all-failed", config=config_file)
-    assert result.returncode == 0 and "1 file(s)" in result.stdout
+    assert result.returncode == 0 and "1 failed file(s) back in the queue" in result.stdout
+    by_path = cli("retry", str(video), str(tmp_path / "watched" / "never.mp4"), config=config_file).stdout
+    assert f"{video}: on its way already (pending)" in by_path
+    assert "never.mp4: not in the ledger" in by_path
     assert cli("run", "--once", config=config_file).returncode == 0
     assert uploaded(tmp_path / "ledger.db", video)
 
@@ -204,7 +209,8 @@ def test_status_shows_progress_pause_and_recent_errors(config_file: Path, tmp_pa
     assert "pace: 0.5 uploads/s (one every 2.03 s), learned from the API's 0429 answers; the ceiling is 1/s" in text
     assert f"uploading {folder / 'big.mp4'} (attempt 1)" in text
     assert "25.0%" in text and "1.0 MiB of 4.0 MiB" in text
-    assert "paused: the account's balance is insufficient since" in text
+    assert "PAUSED since" in text and "the account's balance is insufficient" in text
+    assert "to lift it: it lifts by itself after the next trial upload that is accepted" in text
     assert "video codec mpeg4" in text
     document = json.loads(cli("status", "--json", config=config_file).stdout)
     assert document["uploading"][0]["bytes_sent"] == 1 << 20 and document["paused"]["kind"] == "account"
@@ -297,3 +303,73 @@ def test_status_and_list_never_make_a_ledger(config_file: Path, tmp_path: Path) 
         assert result.returncode == 69
         assert "there is no ledger at" in result.stderr
     assert not (tmp_path / "ledger.db").exists()
+
+
+def test_run_once_ends_with_one_summary_line(config_file: Path, tmp_path: Path) -> None:
+    write_video(tmp_path / "watched" / "good.mp4")
+    write_video(tmp_path / "watched" / "old.mp4", codec="mpeg4")
+    result = cli("run", "--once", config=config_file)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "run --once: 1 uploaded, 1 rejected, 0 failed, 0 left for later"
+
+
+def test_status_into_a_closed_pipe_ends_quietly(config_file: Path, tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    folder = tmp_path / "watched"
+    for number in range(2000):
+        ledger.record_seen(folder / f"clip{number}.mp4", folder, "cli", Version(10, 1, number, 1))
+    ledger.close()
+    piped = subprocess.run(
+        f"{sys.executable} -m memories_ingest.cli list -c {config_file} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=60,
+    )
+    assert piped.stdout.startswith("pending") and piped.stderr == ""
+
+
+def test_log_lines_carry_their_utc_offset(config_file: Path, tmp_path: Path) -> None:
+    write_video(tmp_path / "watched" / "a.mp4")
+    result = cli("run", "--once", config=config_file)
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert events and all(
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", e["timestamp"]) for e in events
+    )
+    uploaded_event = next(e for e in events if e["event"] == "uploaded")
+    assert {"path", "unique_id", "state"} <= set(uploaded_event)
+
+
+def test_upload_draws_one_clean_progress_line_that_log_lines_never_share(
+    config_file: Path, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    staging = write_video(tmp_path / "staging.mp4", faststart=True)
+    video = faststart_padding(staging, 24 << 20).rename(tmp_path / "big.mp4")
+    sandbox.inject("trickle", bytes_per_second=8 << 20)
+    controller, terminal = pty.openpty()
+    upload = subprocess.Popen(
+        [*COMMAND, "upload", str(video), "-c", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        env=environment(),
+    )
+    os.close(terminal)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(controller)
+    stdout, _ = upload.communicate(timeout=60)
+    assert upload.returncode == 0 and stdout.startswith(b"uploaded ")
+    redraws = [line for line in drawn.split(b"\r") if line.startswith(b"big.mp4 [")]
+    assert redraws and all(line.endswith(b"\x1b[K") or b"\x1b[K\n" in line for line in redraws)
+    assert b"of 24.0 MiB" in drawn and b"ETA " in drawn
+    for line in drawn.split(b"\n"):
+        # A log line starts a line of its own: the bar never runs into it.
+        assert b"big.mp4 [" not in line or b"uploaded" not in line.split(b"big.mp4 [")[-1]

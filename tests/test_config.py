@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from memories_ingest.config import ConfigError, MissingApiKey, load, parse, read_api_key
+from memories_ingest.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,3 +249,67 @@ def test_numbers_that_are_not_finite_are_refused(tmp_path: Path, section: str, v
     with pytest.raises(ConfigError) as caught:
         load(path)
     assert f"{section}: " in str(caught.value) and "is not a finite number" in str(caught.value)
+
+
+def check(config: Path, *args: str, key: str | None = "sk-example") -> subprocess.CompletedProcess[str]:
+    env = {name: value for name, value in os.environ.items() if name != "MEMORIES_API_KEY"}
+    if key is not None:
+        env["MEMORIES_API_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "memories_ingest.cli", "check", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_check_reports_field_and_cross_field_problems_in_one_run(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+ledger: {tmp_path}/ledger.db
+folders:
+  - path: /srv/cams
+    recursive: true
+    latitude: abc
+  - path: /srv/cams/front
+  - path: /srv/other
+    after_upload: move
+    move_to: /srv/cams/done
+""",
+    )
+    result = check(path)
+    assert result.returncode == 78
+    assert "folders[0].latitude: 'abc' is not a decimal number" in result.stderr
+    assert "folders[1].path: /srv/cams/front is inside folders[0], which is recursive" in result.stderr
+    assert "folders[2].move_to: /srv/cams/done is inside folders[0]" in result.stderr
+
+
+def test_check_finds_a_ledger_that_cannot_be_made_and_a_missing_key_together(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = write(tmp_path, f"ledger: {tmp_path}/a-file/ledger.db\nfolders: [{{path: v}}]\n")
+    result = check(path, key=None)
+    assert result.returncode == 78
+    assert "the config has 2 problem(s)" in result.stderr
+    assert f"ledger: {tmp_path / 'a-file'} is not a directory" in result.stderr
+    assert "api: no API key: set the environment variable MEMORIES_API_KEY" in result.stderr
+
+
+def test_check_online_says_whether_the_key_works_and_never_uploads(tmp_path: Path) -> None:
+    with Sandbox(api_key="sk-right", rate_per_second=100) as sandbox:
+        url = sandbox.url
+        path = write(
+            tmp_path,
+            f"api: {{base_url: '{url}'}}\nledger: {tmp_path}/ledger.db\nfolders: [{{path: v, unique_id: garden}}]\n",
+        )
+        works = check(path, "--online", key="sk-right")
+        refused = check(path, "--online", key="sk-wrong")
+        queries = sandbox.list_queries()
+        assert sandbox.requests() == [], "never an upload"
+    assert works.returncode == 0 and "the key works (list_videos answered for scope garden)" in works.stdout
+    assert refused.returncode == 77
+    assert "the API key was refused" in refused.stderr and "sk-wrong" not in refused.stderr
+    assert [query["unique_id"] for query in queries] == ["garden"]
+    # The sandbox has stopped: nothing listens at its address any more.
+    assert check(path, "--online", key="sk-right").returncode == 69

@@ -187,10 +187,15 @@ def test_retry_puts_failed_rows_back(ledger: Ledger) -> None:
         row = ledger.get(FOLDER / name)
         assert row is not None
         ledger.mark_failed(row.id, "bad field")
-    assert ledger.retry([FOLDER / "a.mp4"]) == 1
+    seen(ledger, "c.mp4")
+    assert ledger.retry([FOLDER / "a.mp4", FOLDER / "c.mp4", FOLDER / "none.mp4"]) == [
+        (FOLDER / "a.mp4", "back in the queue (it was failed)"),
+        (FOLDER / "c.mp4", "on its way already (pending): nothing to do"),
+        (FOLDER / "none.mp4", "not in the ledger: the daemon has never seen it"),
+    ]
     assert ledger.counts()[FAILED] == 1
-    assert ledger.retry(None) == 1
-    assert ledger.counts()[PENDING] == 2
+    assert ledger.retry_state(FAILED) == 1
+    assert ledger.counts()[PENDING] == 3
 
 
 def test_due_count_ignores_future_retries(ledger: Ledger, clock: Clock) -> None:

@@ -20,11 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from memories_ingest import service
 from memories_ingest.api import Outcome
 from memories_ingest.ledger import Ledger
-from memories_ingest.monitor import LedgerCheck, Metrics, Notifier, notify, status_line
+from memories_ingest.monitor import LedgerCheck, Metrics, Notifier, notify
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 from memories_ingest.service import Daemon
 from memories_ingest.uploader import SnapshotReader
+from memories_ingest.view import status_line
 
 from conftest import Pipeline, wait_until
 
@@ -219,7 +220,7 @@ def test_the_daemon_sends_ready_then_watchdog_pings_then_stopping(
 def test_the_watchdog_stops_when_a_worker_thread_ends(
     pipeline: Callable[..., Pipeline], systemd: NotifyListener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "STATUS_SECONDS", 0.2)
+    monkeypatch.setattr(service.view, "PUBLISH_SECONDS", 0.2)
     built = pipeline().start()
     daemon = running(built)
     systemd.wait_for("WATCHDOG=1")

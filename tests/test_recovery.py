@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memories_ingest.ledger import UPLOADED, UPLOADING, Ledger, LedgerError
+from memories_ingest.ledger import UPLOADED, UPLOADING, Ledger
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 
-from conftest import API_KEY, spawned, wait_until
+from conftest import API_KEY, pause_of, read_ledger, spawned, wait_until
 
 COMMAND = [sys.executable, "-m", "memories_ingest.cli", "run"]
 
@@ -61,26 +61,13 @@ def start(config: Path, **popen: object) -> subprocess.Popen[str]:
 
 def states(tmp_path: Path) -> dict[str, str]:
     """The ledger's rows by file name, read as `status` reads them: never making a ledger that is not there."""
-    try:
-        ledger = Ledger(tmp_path / "ledger.db", create=False)
-    except LedgerError:
-        return {}
-    try:
-        return {row.path.name: row.state for row in ledger.rows()}
-    finally:
-        ledger.close()
+    with read_ledger(tmp_path) as ledger:
+        return {} if ledger is None else {row.path.name: row.state for row in ledger.rows()}
 
 
 def pause_kind(tmp_path: Path) -> str | None:
-    try:
-        ledger = Ledger(tmp_path / "ledger.db", create=False)
-    except LedgerError:
-        return None
-    try:
-        pause = ledger.pause()
-        return pause.kind if pause else None
-    finally:
-        ledger.close()
+    pause = pause_of(tmp_path)
+    return pause.kind if pause else None
 
 
 def kill(process: subprocess.Popen[str]) -> None:
@@ -212,15 +199,9 @@ def test_same_size_files_stay_uncertain_until_their_tags_tell_them_apart(tmp_pat
 
 
 def doubts(tmp_path: Path) -> list[str]:
-    ledger = Ledger(tmp_path / "ledger.db")
-    try:
-        return [
-            row.error or ""
-            for row in ledger.rows()
-            if row.state == "uncertain" and "not parsed yet" in (row.error or "")
-        ]
-    finally:
-        ledger.close()
+    with read_ledger(tmp_path) as ledger:
+        errors = [row.error or "" for row in ledger.rows() if row.state == "uncertain"] if ledger else []
+    return [error for error in errors if "not parsed yet" in error]
 
 
 def test_kill_9_over_same_size_files_loses_none_and_never_gives_a_file_another_files_video(

@@ -39,6 +39,8 @@ def test_the_unit_verifies(tmp_path: Path) -> None:
 
 def test_the_unit_is_a_notify_service_with_a_watchdog_and_a_credential() -> None:
     text = UNIT.read_text()
+    # check runs before the HUP, so that a bad config fails the reload where an operator sees it.
+    assert text.index("ExecReload=/opt/") < text.index("ExecReload=/bin/kill")
     for line in (
         "Type=notify",
         "WatchdogSec=",
@@ -46,7 +48,9 @@ def test_the_unit_is_a_notify_service_with_a_watchdog_and_a_credential() -> None
         "StateDirectory=memories-ingest",
         "ConfigurationDirectory=memories-ingest",
         "LoadCredential=api-key:",
+        "ExecReload=/opt/memories-ingest/bin/memories-ingest check -c /etc/memories-ingest/config.yaml",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "RestartPreventExitStatus=69 73 74 78",
         "User=memories-ingest",
     ):
         assert f"\n{line}" in text, line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -19,11 +20,11 @@ import pytest
 
 from memories_ingest.api import DIALECTS
 from memories_ingest.files import identity_tag
-from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED, Ledger, LedgerError, Row
+from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 
-from conftest import API_KEY, Pipeline, RawServer, daemon_config, read_request_head, spawned, wait_until
+from conftest import API_KEY, Pipeline, RawServer, daemon_config, read_request_head, row_of, spawned, wait_until
 
 Build = Callable[..., Pipeline]
 
@@ -116,7 +117,6 @@ def test_bad_files_are_rejected_with_reasons_and_never_sent(pipeline: Build, tmp
         target = audio_folder if item.name == "silent.mov" else watched
         shutil.move(item, target / item.name)
     expected = {
-        watched / "notes.txt": "extension .txt is not a video extension",
         watched / "empty.mp4": "file is empty",
         watched / "noise.mp4": "content is not an MP4/MOV, MKV or AVI container",
         watched / "old.mp4": "video codec mpeg4 is not one of h264, hevc, vp9",
@@ -128,6 +128,7 @@ def test_bad_files_are_rejected_with_reasons_and_never_sent(pipeline: Build, tmp
         row = run.wait_state(path, REJECTED)
         assert row.error is not None and reason in row.error, (path.name, row.error)
     assert run.sandbox.received() == []
+    assert run.row(watched / "notes.txt") is None, "rows are for videos: a note is not even recorded"
 
 
 def test_a_slow_writer_gives_one_upload_of_the_final_bytes(pipeline: Build, tmp_path: Path) -> None:
@@ -221,10 +222,11 @@ def test_requests_never_exceed_the_configured_rate_while_retrying(pipeline: Buil
         write_video(tmp_path / "watched" / f"v{n}.mp4", seconds=1 + n / 10)
     run.start()
     for n in range(8):
-        run.wait_state(tmp_path / "watched" / f"v{n}.mp4", UPLOADED, timeout=40)
+        run.wait_state(tmp_path / "watched" / f"v{n}.mp4", UPLOADED, timeout=60)
     arrivals = sorted(r.arrived_at for r in run.sandbox.requests())
-    for index, start in enumerate(arrivals):
-        assert len([t for t in arrivals[index:] if t < start + 1.0]) <= 5
+    assert len(arrivals) == 12, "8 uploads and 4 retries, each paced"
+    # Each slot is 1/rate plus a margin; the tolerance only absorbs the sandbox's own scheduling on a busy host.
+    assert min(later - earlier for earlier, later in itertools.pairwise(arrivals)) >= 0.95 / 5
 
 
 @pytest.mark.parametrize("sandbox", DIALECTS, indirect=True)
@@ -504,10 +506,13 @@ def test_after_upload_delete_and_move_run_in_the_daemon(pipeline: Build, tmp_pat
     wait_until(lambda: not deleted.exists() and (done / "kept.mp4").exists(), what="the delete and the move")
     assert not moved.exists()
     for path in (deleted, moved):
-        row = run.row(path)
-        assert row is not None and row.state == UPLOADED and row.video_no and row.action is None
-    threading.Event().wait(1.0)
-    assert len(run.sandbox.received()) == 2
+        # The ledger hears of an action just after the file system does: wait for it, not for a clock.
+        row = wait_until(lambda p=path: (r := run.row(p)) and r.action is None and r, what="the actions recorded")
+        assert row.state == UPLOADED and row.video_no
+    # A moved or deleted file is never taken for a new one: the next full rescan changes nothing.
+    assert run.daemon is not None
+    run.daemon.scanner.scan_all()
+    assert len(run.sandbox.received()) == 2 and run.ledger.counts()["pending"] == 0
 
 
 def test_indexing_results_arrive_by_polling(pipeline: Build, tmp_path: Path) -> None:
@@ -591,14 +596,3 @@ def test_a_file_not_readable_yet_is_tried_again_and_uploaded_once_it_is(tmp_path
         daemon.terminate()
         daemon.communicate(timeout=30)
     assert len(sandbox.received()) == 1
-
-
-def row_of(tmp_path: Path, path: Path) -> Row | None:
-    try:
-        ledger = Ledger(tmp_path / "ledger.db", create=False)
-    except LedgerError:
-        return None
-    try:
-        return ledger.get(path)
-    finally:
-        ledger.close()

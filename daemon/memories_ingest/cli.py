@@ -13,14 +13,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
-from . import __version__, probe, prober
+from . import __version__, probe, prober, view
 from .api import DEFAULT_SCOPE, DIALECTS
 from .config import (
     DEFAULT_CONFIG_PATH,
@@ -41,6 +41,7 @@ from .ledger import (
     GONE,
     PENDING,
     REJECTED,
+    RETRYABLE,
     RETRYING,
     STATES,
     UPLOADED,
@@ -53,7 +54,7 @@ from .ledger import (
     location_problem,
 )
 from .monitor import Metrics
-from .pacing import Access, Gate, Pace, Pacer
+from .pacing import Access, Gate, Pacer
 from .recovery import rebuild
 from .service import Daemon, Exit, Signals
 from .uploader import Client, ListFailed
@@ -71,6 +72,9 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
     )
 
     def renderer(logger: Any, method: str, event: Any) -> str:
+        bar = _ProgressBar.active
+        if bar is not None:
+            bar.end()
         # The last line of defence: whatever put a key into an event, the line written has none.
         return redact(str(rendering(logger, method, event)))
 
@@ -78,7 +82,7 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=False),
+            _timestamp,
             # Tracebacks without local variables: a frame's locals could hold the API key.
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
             if not stream.isatty()
@@ -89,6 +93,12 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def _timestamp(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Local time with its UTC offset, so that a line means one moment wherever it is read."""
+    event["timestamp"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
+    return event
 
 
 def _report(problems: Sequence[str]) -> None:
@@ -237,8 +247,18 @@ def _run_daemon(
     ledger = _open_ledger(config.ledger, create=True)
     client = _client(config, key)
     try:
-        daemon = Daemon(config, ledger, client, once=args.once, loader=lambda: load(args.config), signals=signals)
+        daemon = Daemon(
+            config,
+            ledger,
+            client,
+            once=args.once,
+            grace_seconds=config.upload.shutdown_grace_seconds,
+            loader=lambda: load(args.config),
+            signals=signals,
+        )
         code = daemon.run()
+        if args.once:
+            print(daemon.summary())
     except ListenFailed as error:
         log.error("cannot listen for indexing callbacks", error=str(error))
         return Exit.CONFIG, None
@@ -251,74 +271,23 @@ def _run_daemon(
     return code, daemon.reloaded
 
 
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
-
-
-def _bar(percent: float, width: int = 24) -> str:
-    filled = round(width * min(max(percent, 0.0), 100.0) / 100)
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def _clock(timestamp: float | None) -> str:
-    if not timestamp:
-        return "-"
-    when = datetime.fromtimestamp(timestamp)
-    return when.strftime("%H:%M:%S" if when.date() == datetime.now().date() else "%Y-%m-%d %H:%M")
-
-
-def render_status(document: dict[str, Any]) -> str:
-    """The human view of Ledger.status(): what `status` prints and `status --watch` redraws."""
-    lines = ["  ".join(f"{state}: {n}" for state, n in document["counts"].items() if n) or "the ledger is empty"]
-    for upload in document["uploading"]:
-        eta = f"ETA {upload['eta_seconds']:.0f} s" if upload["eta_seconds"] is not None else "ETA -"
-        lines.append(
-            f"uploading {printable(upload['path'])} (attempt {upload['attempt']})\n"
-            f"  {_bar(upload['percent'])} {upload['percent']:5.1f}%  {_size(upload['bytes_sent'])} of "
-            f"{_size(upload['size'])}  {_size(upload['bytes_per_second'])}/s  {eta}"
-        )
-    paused = document["paused"]
-    if paused:
-        lines.append(
-            f"paused: {printable(paused['reason'])} since {_clock(paused['since'])}, "
-            + (f"next check {_clock(paused['until'])}" if paused["until"] else "until it is lifted")
-        )
-    pace = Pace.stored(document["pace"])
-    if pace is not None:
-        lines.append(f"pace: {pace.describe()}")
-    retry = document["next_retry"]
-    if retry:
-        lines.append(f"next retry: {printable(retry['path'])} at {_clock(retry['at'])} ({printable(retry['error'])})")
-    if document["recent_errors"]:
-        lines.append("recent errors:")
-        lines.extend(
-            f"  {_clock(e['at'])} {e['state']:<12} {printable(e['path'])}: {printable(e['error'])}"
-            for e in document["recent_errors"]
-        )
-    return "\n".join(lines)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     ledger = _open_ledger(_ledger_path(args.config))
     try:
         if args.json:
-            print(json.dumps(ledger.status(), indent=2))
+            print(json.dumps(view.status(ledger), indent=2))
         elif args.watch:
             stop = _stop_on_signals()
             while True:
-                sys.stdout.write("\x1b[H\x1b[2J" + render_status(ledger.status()) + "\n")
+                sys.stdout.write("\x1b[H\x1b[2J" + view.render(view.status(ledger)) + "\n")
                 sys.stdout.flush()
                 if stop.wait(args.interval):
                     break
         else:
-            print(render_status(ledger.status()))
+            print(view.render(view.status(ledger)))
     finally:
         ledger.close()
-    return 0
+    return Exit.OK
 
 
 def _stop_on_signals() -> threading.Event:
@@ -350,15 +319,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    if not args.all_failed and not args.paths:
-        print("memories-ingest retry: name files, or use --all-failed", file=sys.stderr)
+    state = FAILED if args.all_failed else args.state
+    if not state and not args.paths:
+        print("memories-ingest retry: name files, or use --state STATE (or --all-failed)", file=sys.stderr)
         return Exit.USAGE
     ledger = _open_ledger(_ledger_path(args.config))
-    paths = None if args.all_failed else [Path(p).absolute() for p in args.paths]
-    changed = ledger.retry(paths)
-    ledger.close()
-    print(f"{changed} file(s) back in the queue")
-    return 0
+    try:
+        if state:
+            print(f"{ledger.retry_state(state)} {state} file(s) back in the queue")
+        for path, done in ledger.retry([Path(p).absolute() for p in args.paths]):
+            print(f"{printable(path)}: {done}")
+    finally:
+        ledger.close()
+    return Exit.OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -431,8 +404,15 @@ def _upload_folder(config: Config, path: Path, unique_id: str | None, tags: Sequ
 
 
 class _ProgressBar:
+    """One line on a terminal, redrawn in place: the file, its bar, the bytes sent of the total, the speed, the ETA.
+
+    A log line ends the bar first (see configure_logging), so the two never share a line.
+    """
+
+    active: _ProgressBar | None = None
+
     def __init__(self, name: str, size: int, stream: TextIO = sys.stderr) -> None:
-        self.name = name
+        self.name = printable(name)
         self.size = size
         self.stream = stream
         self.started = time.monotonic()
@@ -441,9 +421,23 @@ class _ProgressBar:
         if not self.stream.isatty():
             return
         percent = 100 * sent / self.size if self.size else 100.0
-        speed = sent / max(time.monotonic() - self.started, 1e-6)
-        self.stream.write(f"\r{self.name} {_bar(percent)} {percent:5.1f}%  {_size(sent)}  {_size(speed)}/s ")
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = sent / elapsed
+        eta = f"ETA {(self.size - sent) / speed:.0f} s" if speed > 0 and sent < self.size else "ETA -"
+        # \x1b[K clears what a longer line drawn before left at its end.
+        self.stream.write(
+            f"\r{self.name} {view.bar(percent)} {percent:5.1f}%  {view.size(sent)} of {view.size(self.size)}"
+            f"  {view.size(speed)}/s  {eta}\x1b[K"
+        )
         self.stream.flush()
+        _ProgressBar.active = self
+
+    def end(self) -> None:
+        """Leave the bar's line, so that what is written next starts on a line of its own."""
+        if _ProgressBar.active is self:
+            self.stream.write("\n")
+            self.stream.flush()
+            _ProgressBar.active = None
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -516,7 +510,8 @@ def _upload_one(
         return f"already uploaded {path}: {row.video_no}"
     if row.state in (FAILED, REJECTED, GONE):
         ledger.retry([path])
-    uploader.on_progress = _ProgressBar(path.name, info.st_size)
+    progress = _ProgressBar(path.name, info.st_size)
+    uploader.on_progress = progress
     while not stop.is_set():
         row = ledger.get(path)
         assert row is not None
@@ -542,6 +537,7 @@ def _upload_one(
         claimed = ledger.claim_row(row.id)
         outcome = None if claimed is None else uploader.attempt(claimed)
         uploader.settle_gate(outcome, trial=access is Access.TRIAL)
+        progress.end()
         if claimed is None:
             stop.wait(0.5)
             continue
@@ -665,9 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list)
 
-    retry = commands.add_parser("retry", parents=[common], help="put failed files back in the queue")
-    retry.add_argument("--all-failed", action="store_true")
-    retry.add_argument("paths", nargs="*", metavar="PATH")
+    retry = commands.add_parser(
+        "retry", parents=[common], help="put files back in the queue; each is validated again, then uploaded"
+    )
+    retry.add_argument("--state", choices=RETRYABLE, help="every file in this state")
+    retry.add_argument("--all-failed", action="store_true", help="every failed file (the same as --state failed)")
+    retry.add_argument("paths", nargs="*", metavar="PATH", help="these files; each is told what was done, and why")
     retry.set_defaults(handler=cmd_retry)
 
     upload = commands.add_parser(
@@ -730,8 +729,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that only print: when what reads them goes away (`status | head`), they end quietly, as `cat` does.
+PRINTING_COMMANDS = frozenset({"status", "list", "check", "probe", "retry", "resume"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in PRINTING_COMMANDS:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     configure_logging()
     code: int = args.handler(args)
     return code

@@ -121,6 +121,8 @@ class UploadSection(_Strict):
     account_check_seconds: float = Field(600.0, gt=0)
     min_bytes_per_second: int = Field(32 * 1024, ge=1024)
     max_indexing: int | None = Field(None, ge=1)
+    # A first SIGTERM lets an upload in flight finish for this long, then abandons it cleanly.
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
 
 
 class FolderFields(_Strict):
@@ -317,13 +319,14 @@ def _merge(defaults: FolderFields, folder: FolderSection, base: Path) -> Folder:
     )
 
 
-def _folder_problems(folders: tuple[Folder, ...]) -> list[str]:
+def _folder_problems(numbered: list[tuple[int, Folder]]) -> list[str]:
+    """Problems between folders; each folder is numbered as in the file, whether or not the others validated."""
     problems = []
-    for index, folder in enumerate(folders):
+    for position, (index, folder) in enumerate(numbered):
         if folder.after_upload == "move" and folder.move_to is None:
             problems.append(f"folders[{index}].move_to: required when after_upload is move")
         if folder.move_to is not None:
-            for other_index, other in enumerate(folders):
+            for other_index, other in numbered:
                 if folder.move_to == other.path or (
                     folder.move_to.is_relative_to(other.path)
                     and (other.recursive or folder.move_to.parent == other.path)
@@ -337,7 +340,7 @@ def _folder_problems(folders: tuple[Folder, ...]) -> list[str]:
                 f"folders[{index}].tags: {len(folder.tags)} tags with the defaults, at most {MAX_CONFIG_TAGS} are "
                 "allowed (the daemon adds one of its own)"
             )
-        for earlier_index, earlier in enumerate(folders[:index]):
+        for earlier_index, earlier in numbered[:position]:
             if folder.path == earlier.path:
                 problems.append(f"folders[{index}].path: {folder.path} is already folders[{earlier_index}]")
             elif folder.path.is_relative_to(earlier.path) and earlier.recursive:
@@ -361,21 +364,45 @@ def _indexing_problems(indexing: IndexingSection) -> list[str]:
     return []
 
 
+def _valid_folders(document: dict[str, Any], base: Path) -> list[tuple[int, Folder]]:
+    """The folders of a config that failed validation which are valid by themselves, numbered as in the file."""
+    try:
+        defaults = FolderFields.model_validate(document.get("defaults") or {})
+    except ValidationError:
+        defaults = FolderFields()
+    raw = document.get("folders")
+    valid = []
+    for index, folder in enumerate(raw if isinstance(raw, list) else []):
+        try:
+            valid.append((index, _merge(defaults, FolderSection.model_validate(folder), base)))
+        except ValidationError as error:
+            # A folder with a bad latitude still has a place: judge it without the keys that are wrong.
+            wrong = {e["loc"][0] for e in error.errors() if e["loc"]}
+            if not isinstance(folder, dict) or "path" in wrong:
+                continue
+            try:
+                kept = {key: value for key, value in folder.items() if key not in wrong}
+                valid.append((index, _merge(defaults, FolderSection.model_validate(kept), base)))
+            except ValidationError:
+                continue
+    return valid
+
+
 def parse(document: Any, source: Path) -> Config:
     """Validate a loaded YAML document; raise ConfigError with every problem found."""
     if document is None:
         raise ConfigError(source, ["the file is empty; see config.example.yaml"])
     if not isinstance(document, dict):
         raise ConfigError(source, ["the top level must be a mapping of keys such as api, folders"])
+    base = source.parent
     try:
         checked = ConfigFile.model_validate(document)
     except ValidationError as error:
-        raise ConfigError(
-            source, [f"{_key_path(e['loc'])}: {_message(e)}" for e in error.errors(include_url=False)]
-        ) from None
-    base = source.parent
+        problems = [f"{_key_path(e['loc'])}: {_message(e)}" for e in error.errors(include_url=False)]
+        # Every problem at once: those between folders too, among the folders that are valid on their own.
+        raise ConfigError(source, problems + _folder_problems(_valid_folders(document, base))) from None
     folders = tuple(_merge(checked.defaults, folder, base) for folder in checked.folders)
-    problems = _folder_problems(folders) + _indexing_problems(checked.indexing)
+    problems = _folder_problems(list(enumerate(folders))) + _indexing_problems(checked.indexing)
     if problems:
         raise ConfigError(source, problems)
     return Config(

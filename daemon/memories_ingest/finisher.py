@@ -78,7 +78,13 @@ class Finisher(Worker):
         self.wake.wait(wait)
 
     def finish(self, row: Row) -> None:
-        context = {"path": str(row.path), "unique_id": row.unique_id, "video_no": row.video_no, "action": row.action}
+        context = {
+            "path": str(row.path),
+            "unique_id": row.unique_id,
+            "state": row.state,
+            "video_no": row.video_no,
+            "action": row.action,
+        }
         folder = self.config.folder_for(row.path)
         try:
             if folder is None:

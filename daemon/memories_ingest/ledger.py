@@ -503,11 +503,21 @@ class Ledger:
         with self._write() as conn:
             conn.execute("UPDATE files SET bytes_sent = ? WHERE id = ?", [bytes_sent, row_id])
 
-    def recent_errors(self, limit: int = 5) -> list[Row]:
+    def recent_with_error(self, states: Iterable[str], limit: int = 5) -> list[Row]:
+        """The rows in these states that carry an error or a note, the latest first."""
+        wanted = list(states)
         found = self._read(
-            "SELECT * FROM files WHERE error IS NOT NULL AND state IN (?, ?, ?, ?, ?, ?, ?)"
+            f"SELECT * FROM files WHERE error IS NOT NULL AND state IN ({','.join('?' * len(wanted))})"
             " ORDER BY updated_at DESC LIMIT ?",
-            [RETRYING, UNCERTAIN, FAILED, REJECTED, INDEX_FAILED, QUEUED, PENDING, limit],
+            [*wanted, limit],
+        )
+        return [Row.from_sql(r) for r in found]
+
+    def settling(self, limit: int = 5) -> list[Row]:
+        """Pending rows, the ones that are due first first."""
+        found = self._read(
+            "SELECT * FROM files WHERE state = ? ORDER BY MAX(stable_since, COALESCE(next_attempt_at, 0)) LIMIT ?",
+            [PENDING, limit],
         )
         return [Row.from_sql(r) for r in found]
 
@@ -616,24 +626,42 @@ class Ledger:
                 [QUEUED, UNCERTAIN, now, now, UPLOADING],
             ).rowcount
 
-    def retry(self, paths: Iterable[Path] | None) -> int:
-        """Put failed, rejected or retrying rows back in the queue; None means every failed row."""
+    def retry(self, paths: Iterable[Path]) -> list[tuple[Path, str]]:
+        """Put these files back in the queue, each validated again first; says for each what was done and why."""
+        now = self.clock()
+        done = []
+        with self._write() as conn:
+            for path in paths:
+                found = conn.execute("SELECT id, state FROM files WHERE path = ?", [key(path)]).fetchone()
+                if found is None:
+                    done.append((path, "not in the ledger: the daemon has never seen it"))
+                elif found["state"] in RETRYABLE:
+                    self._requeue(conn, found["id"], now)
+                    done.append((path, f"back in the queue (it was {found['state']})"))
+                elif found["state"] in DELIVERED:
+                    done.append((path, f"already uploaded ({found['state']}): nothing to do"))
+                else:
+                    done.append((path, f"on its way already ({found['state']}): nothing to do"))
+        return done
+
+    def retry_state(self, state: str) -> int:
+        """Put every file in this state back in the queue; returns how many."""
+        if state not in RETRYABLE:
+            raise ValueError(f"rows in state {state} cannot be retried; these can: {', '.join(RETRYABLE)}")
         now = self.clock()
         with self._write() as conn:
-            if paths is None:
-                return conn.execute(
-                    "UPDATE files SET state = ?, prior_state = NULL, attempts = 0, next_attempt_at = ?,"
-                    " stable_since = ?, updated_at = ? WHERE state = ?",
-                    [PENDING, now, now, now, FAILED],
-                ).rowcount
-            changed = 0
-            for path in paths:
-                changed += conn.execute(
-                    "UPDATE files SET state = ?, prior_state = NULL, attempts = 0, next_attempt_at = ?,"
-                    " stable_since = ?, updated_at = ? WHERE path = ? AND state IN (?, ?, ?, ?, ?)",
-                    [PENDING, now, now, now, key(path), FAILED, REJECTED, RETRYING, UNCERTAIN, GONE],
-                ).rowcount
-            return changed
+            ids = [found[0] for found in conn.execute("SELECT id FROM files WHERE state = ?", [state])]
+            for row_id in ids:
+                self._requeue(conn, row_id, now)
+        return len(ids)
+
+    @staticmethod
+    def _requeue(conn: sqlite3.Connection, row_id: int, now: float) -> None:
+        conn.execute(
+            "UPDATE files SET state = ?, prior_state = NULL, attempts = 0, read_errors = 0, next_attempt_at = ?,"
+            " stable_since = ?, updated_at = ? WHERE id = ?",
+            [PENDING, now, now, now, row_id],
+        )
 
     # -- what status and list show ------------------------------------------------------------------------
 
@@ -651,6 +679,29 @@ class Ledger:
     def next_retry(self) -> Row | None:
         found = self._read("SELECT * FROM files WHERE state = ? ORDER BY next_attempt_at LIMIT 1", [RETRYING])
         return Row.from_sql(found[0]) if found else None
+
+    def since(self, moment: float, folders: Iterable[Path]) -> dict[str, int]:
+        """What happened to these folders' files since a moment: uploaded, rejected, failed, and what is left."""
+        keys = [key(f) for f in folders]
+        where = f"folder IN ({','.join('?' * len(keys))})"
+        uploaded = self._read(
+            f"SELECT COUNT(*) FROM uploads JOIN files ON files.id = uploads.file_id WHERE {where}"
+            " AND uploads.uploaded_at >= ?",
+            [*keys, moment],
+        )[0][0]
+        ended: dict[str, int] = dict(
+            (found[0], found[1])
+            for found in self._read(
+                f"SELECT state, COUNT(*) FROM files WHERE {where} AND updated_at >= ? AND state IN (?, ?)"
+                " GROUP BY state",
+                [*keys, moment, REJECTED, FAILED],
+            )
+        )
+        left = self._read(
+            f"SELECT COUNT(*) FROM files WHERE {where} AND state IN (?, ?, ?, ?, ?)",
+            [*keys, PENDING, QUEUED, UPLOADING, RETRYING, UNCERTAIN],
+        )[0][0]
+        return {"uploaded": uploaded, "rejected": ended.get(REJECTED, 0), "failed": ended.get(FAILED, 0), "left": left}
 
     def due_count(self, folders: Iterable[Path]) -> int:
         """Rows in these folders with work to do now: settling, queued, in flight, or a retry that is due."""
@@ -753,49 +804,15 @@ class Ledger:
             lambda found: ({**found, "until": min(found["until"], now)} if found else None, None),
         )
 
-    def status(self) -> dict[str, Any]:
-        """What `status`, the status page and the monitor show: one consistent read of the ledger."""
-        now = self.clock()
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """One consistent view of the ledger for several reads (what `status` shows)."""
         with self._lock:
             self._conn.execute("BEGIN")
             try:
-                pause = self.pause()
-                pace = self.setting("pace")
-                uploading = self.rows(UPLOADING)
-                next_retry = self.next_retry()
-                errors = self.recent_errors()
-                counts = self.counts()
+                yield
             finally:
                 self._conn.execute("COMMIT")
-        in_flight = []
-        for row in uploading:
-            sent = row.bytes_sent or 0
-            elapsed = now - row.started_at if row.started_at else 0.0
-            speed = sent / elapsed if elapsed > 0 else 0.0
-            in_flight.append(
-                {
-                    "path": str(row.path),
-                    "unique_id": row.unique_id,
-                    "attempt": row.attempts,
-                    "bytes_sent": sent,
-                    "size": row.size,
-                    "percent": round(100 * sent / row.size, 1) if row.size else 100.0,
-                    "bytes_per_second": round(speed),
-                    "eta_seconds": round((row.size - sent) / speed, 1) if speed > 0 else None,
-                }
-            )
-        return {
-            "counts": counts,
-            "uploading": in_flight,
-            "paused": None if pause is None else dataclasses.asdict(pause),
-            "pace": pace,
-            "next_retry": None
-            if next_retry is None
-            else {"path": str(next_retry.path), "at": next_retry.next_attempt_at, "error": next_retry.error},
-            "recent_errors": [
-                {"path": str(r.path), "state": r.state, "error": r.error, "at": r.updated_at} for r in errors
-            ],
-        }
 
     # -- after upload: the finisher's delete or move, and what memories.ai said about each video ---------------
 
@@ -876,6 +893,8 @@ class Ledger:
         return [self.get_id(row_id) for row_id in ids]
 
 
+# What `retry` can put back in the queue: what failed, was refused, waits, or went away.
+RETRYABLE = (FAILED, REJECTED, RETRYING, UNCERTAIN, GONE)
 LOCK_TRIES = 20
 LOCK_TRY_SECONDS = 0.05
 

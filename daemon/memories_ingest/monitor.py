@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +25,10 @@ from prometheus_client.exposition import choose_encoder
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from . import view
 from .api import Outcome
 from .config import Config
-from .ledger import DELIVERED, FAILED, PENDING, QUEUED, REJECTED, RETRYING, Ledger, Row
+from .ledger import QUEUED, RETRYING, Ledger, Row
 from .pacing import Pace
 from .view import printable
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-STATUS_SECONDS = 5.0
 # From a short clip on a fast link (1 s) to a 3 GiB file on a slow one (1 h).
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 # Listed up front so that every series exists, at 0, before the first one happens.
@@ -131,29 +130,6 @@ class Notifier:
 
     def stopping(self) -> None:
         notify("STOPPING=1\nSTATUS=stopping: letting uploads in flight finish")
-
-
-def status_line(document: Mapping[str, Any], folders: int, problems: Sequence[str] = ()) -> str:
-    """One line for `systemctl status`, from Ledger.status(): what is watched, queued, moving and wrong."""
-    counts = document["counts"]
-    work = [f"{counts[QUEUED]} queued"]
-    if counts[PENDING]:
-        work.insert(0, f"{counts[PENDING]} settling")
-    uploading = document["uploading"]
-    if uploading:
-        percents = ", ".join(f"{upload['percent']:.0f}%" for upload in uploading)
-        work.append(f"{len(uploading)} uploading ({percents})")
-    if counts[RETRYING]:
-        work.append(f"{counts[RETRYING]} retrying")
-    work.append(f"{sum(counts[state] for state in DELIVERED)} uploaded")
-    work += [f"{counts[state]} {state}" for state in (FAILED, REJECTED) if counts[state]]
-    parts = [f"watching {folders} folder{'' if folders == 1 else 's'}", ", ".join(work)]
-    if document["paused"]:
-        parts.append(f"paused: {document['paused']['reason']}")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        parts.append(f"unhealthy: {problems[0]}{more}")
-    return printable("; ".join(parts))
 
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -419,7 +395,7 @@ class MonitorServer:
             return Response(encode(self.metrics.registry), 200, content_type=content_type)
         if request.path == "/":
             page = render_page(
-                self.ledger.status(), self.ledger.recent_uploads(), self.problems(), self.config, time.time()
+                view.status(self.ledger), self.ledger.recent_uploads(), self.problems(), self.config, time.time()
             )
             response = Response(page, 200, content_type="text/html; charset=utf-8")
             # The page is data, never code: file names come from whoever can write to a watched folder.
@@ -436,19 +412,7 @@ def _e(value: object) -> str:
 
 
 def _when(timestamp: float | None, now: float) -> str:
-    if not timestamp:
-        return "-"
-    when = datetime.fromtimestamp(timestamp)
-    return when.strftime("%H:%M:%S" if when.date() == datetime.fromtimestamp(now).date() else "%Y-%m-%d %H:%M")
-
-
-def _size(count: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB")
-    unit = 0
-    while count >= 1024 and unit < len(units) - 1:
-        count /= 1024
-        unit += 1
-    return f"{count:.0f} B" if unit == 0 else f"{count:.1f} {units[unit]}"
+    return view.clock(timestamp, now)
 
 
 def _table(headings: Sequence[str], rows: Iterable[Sequence[str]], empty: str) -> str:
@@ -486,22 +450,31 @@ def render_page(
         f'<p class="counts">{counts or "the ledger is empty"}</p>',
         health,
     ]
+    rejected = document.get("rejected_reload")
+    if rejected:
+        sections.append(
+            f'<div class="problems"><p>The config on disk was rejected at {_when(rejected["at"], now)}; '
+            "the daemon runs the one it had:</p><ul>"
+            + "".join(f"<li>{_e(problem)}</li>" for problem in rejected["problems"])
+            + "</ul></div>"
+        )
     paused = document["paused"]
     if paused:
+        until = f"next trial {_when(paused['until'], now)}" if paused["until"] else "until a person lifts it"
         sections.append(
-            f'<p class="banner">Uploads are paused: {_e(paused["reason"])}; since {_when(paused["since"], now)}, '
-            + (f"next check {_when(paused['until'], now)}.</p>" if paused["until"] else "until it is lifted.</p>")
+            f'<p class="banner">Uploads are paused since {_when(paused["since"], now)}, {until}: '
+            f"{_e(paused['reason'])}. To lift it: {_e(paused['how_to_lift'])}.</p>"
         )
-    pace = Pace.stored(document["pace"])
+    pace = view.describe_pace(document)
     if pace is not None:
-        sections.append(f"<p>Upload pace: {_e(pace.describe())}.</p>")
+        sections.append(f"<p>Upload pace: {_e(pace)}.</p>")
     in_flight = [
         (
             _e(upload["path"]),
             str(upload["attempt"]),
             f'<progress max="100" value="{upload["percent"]:.1f}"></progress> {upload["percent"]:.1f}%',
-            f"{_size(upload['bytes_sent'])} of {_size(upload['size'])}",
-            f"{_size(upload['bytes_per_second'])}/s",
+            f"{view.size(upload['bytes_sent'])} of {view.size(upload['size'])}",
+            f"{view.size(upload['bytes_per_second'])}/s",
             "-" if upload["eta_seconds"] is None else f"{upload['eta_seconds']:.0f} s",
         )
         for upload in document["uploading"]
@@ -516,26 +489,40 @@ def render_page(
         _table(
             ("when", "file", "scope", "size", "videoNo"),
             (
-                (_when(row.uploaded_at, now), _e(row.path), _e(row.unique_id or "-"), _size(row.size), _e(row.video_no))
+                (
+                    _when(row.uploaded_at, now),
+                    _e(row.path),
+                    _e(row.unique_id or "-"),
+                    view.size(row.size),
+                    _e(row.video_no),
+                )
                 for row in uploads
             ),
             "none yet",
         )
     )
-    sections.append("<h2>Recent errors</h2>")
-    sections.append(
-        _table(
-            ("when", "state", "file", "error"),
-            ((_when(e["at"], now), _e(e["state"]), _e(e["path"]), _e(e["error"])) for e in document["recent_errors"]),
-            "none",
+    for heading, noted in (("Rejected or failed", document["problems"]), ("Notices", document["notices"])):
+        sections.append(f"<h2>{heading}</h2>")
+        sections.append(
+            _table(
+                ("when", "state", "file", "why"),
+                ((_when(e["at"], now), _e(e["state"]), _e(e["path"]), _e(e["error"])) for e in noted),
+                "none",
+            )
         )
-    )
     sections.append("<h2>Watched folders</h2>")
+    modes = {folder["path"]: folder for folder in document["folders"]}
     sections.append(
         _table(
-            ("folder", "scope", "recursive", "tags"),
+            ("folder", "scope", "recursive", "tags", "watched by"),
             (
-                (_e(f.path), _e(f.unique_id or "-"), "yes" if f.recursive else "no", _e(", ".join(f.tags)))
+                (
+                    _e(f.path),
+                    _e(f.unique_id or "-"),
+                    "yes" if f.recursive else "no",
+                    _e(", ".join(f.tags)),
+                    _e(f"{modes[str(f.path)]['mode']}: {modes[str(f.path)]['why']}" if str(f.path) in modes else "-"),
+                )
                 for f in config.folders
             ),
             "none",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 import sqlite3
 import threading
 import time
@@ -11,12 +12,12 @@ from collections.abc import Callable
 
 import structlog
 
-from . import prober
+from . import prober, view
 from .config import Config, ConfigError
 from .finisher import Finisher
 from .indexer import ACCEPT_WAIT_SECONDS, IDLE_SECONDS, CallbackListener, Indexer, callback_token, callback_url
-from .ledger import Ledger, Pause
-from .monitor import STATUS_SECONDS, Metrics, MonitorServer, Notifier, status_line
+from .ledger import Ledger, LedgerError, Pause
+from .monitor import Metrics, MonitorServer, Notifier
 from .pacing import Gate, Pacer, RetryPolicy
 from .uploader import Client
 from .watcher import Recorder, Watcher
@@ -177,6 +178,7 @@ class Daemon:
         self.main_loop_at = time.monotonic()
         self._counts: dict[str, int] = {}
         self._next_status = 0.0
+        self.started_at = time.time()
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the first call is a warm stop, the next abandons uploads in flight."""
@@ -194,6 +196,8 @@ class Daemon:
         self.scanner.request(None)
 
     def start(self) -> None:
+        self.started_at = time.time()
+        self.ledger.update_setting(view.REJECTED_RELOAD_KEY, lambda _: (None, None))
         earlier = self.ledger.earlier_ledger()
         if earlier is not None and self.ledger.pause() is None:
             reason = (
@@ -278,7 +282,11 @@ class Daemon:
             log.error(
                 "the new config is invalid; keeping the one in use", config=str(error.path), problems=error.problems
             )
+            rejected = {"at": time.time(), "config": error.path, "problems": error.problems}
+            self.ledger.update_setting(view.REJECTED_RELOAD_KEY, lambda _: (rejected, None))
             return False
+        # The config on disk is good again, whatever it was rejected for before.
+        self.ledger.update_setting(view.REJECTED_RELOAD_KEY, lambda _: (None, None))
         if config == self.config:
             log.info("the config is unchanged", config=str(config.source))
             return False
@@ -287,14 +295,40 @@ class Daemon:
         return True
 
     def report(self) -> None:
-        """Refresh systemd's status line every few seconds, and ping its watchdog while everything is alive."""
+        """Every few seconds: publish for `status`, refresh systemd's status line; ping its watchdog while alive."""
         if time.monotonic() >= self._next_status:
-            self._next_status = time.monotonic() + STATUS_SECONDS
+            self._next_status = time.monotonic() + view.PUBLISH_SECONDS
+            self.publish()
             summary = self.status_summary()
             if summary is not None:
                 self.notifier.status(summary)
             self.remember_ledger()
         self.notifier.watchdog(self.stalled)
+
+    def summary(self) -> str:
+        """One line on what this run did, for `run --once`."""
+        done = self.ledger.since(self.started_at, [folder.path for folder in self.config.folders])
+        return (
+            f"run --once: {done['uploaded']} uploaded, {done['rejected']} rejected, {done['failed']} failed, "
+            f"{done['left']} left for later"
+        )
+
+    def publish(self) -> None:
+        """What `status` in another process cannot see for itself: this daemon, and how it watches each folder."""
+        published = {
+            "pid": os.getpid(),
+            "since": self.started_at,
+            "heartbeat": time.time(),
+            "settle_seconds": self.config.watch.settle_seconds,
+            "ceiling": self.config.upload.rate_per_second,
+            "folders": self.watcher.describe() if self.watcher is not None else [],
+            "next_rescan": None if self.once else self.scanner.next_full_scan,
+            "ignored": sum(self.recorder.ignored.values()),
+        }
+        try:
+            self.ledger.update_setting(view.DAEMON_KEY, lambda _: (published, None), durable=False)
+        except LedgerError as error:
+            log.warning("cannot publish the daemon's state for `status`", error=str(error))
 
     def remember_ledger(self) -> None:
         """Note this ledger in its directory, unless it is the new one that waits for a person to decide."""
@@ -308,14 +342,14 @@ class Daemon:
 
     def status_summary(self) -> str | None:
         try:
-            document = self.ledger.status()
-        except sqlite3.Error as error:
+            document = view.status(self.ledger)
+        except (sqlite3.Error, LedgerError) as error:
             log.warning("cannot read the ledger for the status line", error=str(error))
             return None
         if document["counts"] != self._counts:
             self._counts = document["counts"]
             self.ledger_moved_at = time.monotonic()
-        return status_line(document, len(self.config.folders), self.stalled())
+        return view.status_line(document, len(self.config.folders), self.stalled())
 
     def _saw_progress(self, name: str, bytes_sent: int) -> None:
         self.progress_seen[name] = time.monotonic()

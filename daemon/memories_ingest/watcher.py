@@ -31,6 +31,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.polling import PollingEmitter
 
+from .api import VIDEO_EXTENSIONS
 from .config import Config, Folder
 from .files import Version
 from .ledger import GONE, PENDING, QUEUED, RETRYING, Ledger
@@ -65,6 +66,11 @@ _IGNORED = re.compile("|".join(fnmatch.translate(pattern) for pattern in IGNORED
 def is_ignored_name(name: str) -> bool:
     """Hidden files and the names that downloaders, editors and copy tools give unfinished files."""
     return _IGNORED.match(name.lower()) is not None
+
+
+def is_video_name(name: str) -> bool:
+    """Rows are for videos: a camera's thumbnails, sidecars and notes are not recorded at all."""
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
 def symlink_between(top: Path, path: Path) -> bool:
@@ -190,10 +196,12 @@ class Recorder:
         self.config = config
         self.ledger = ledger
         self.wake = wake
+        # Per folder, how many files without a video extension its last full scan passed over.
+        self.ignored: dict[Path, int] = {}
 
     def record(self, path: Path, info: os.stat_result | None = None, folder: Folder | None = None) -> bool:
         folder = folder or self.config.folder_for(path)
-        if folder is None or is_ignored_name(path.name):
+        if folder is None or is_ignored_name(path.name) or not is_video_name(path.name):
             return False
         if info is None:
             try:
@@ -210,14 +218,18 @@ class Recorder:
     def scan(self, folder: Folder, root: Path | None = None) -> int:
         """Reconcile a folder, or one directory in it, with the ledger; returns how many files were new or changed."""
         known = self.ledger.known(folder.path)
-        changed = 0
+        changed = ignored = 0
         for path, info in walk(folder, root, follow_symlinks=self.config.watch.follow_symlinks):
+            if not is_video_name(path):
+                ignored += 1
+                continue
             found = known.pop(os.fsencode(path), None)
             if found is not None and found[0] == Version.of(info) and found[1] != GONE:
                 continue
             if self.record(Path(path), info, folder):
                 changed += 1
         if root in (None, folder.path) and folder.path.is_dir():
+            self.ignored[folder.path] = ignored
             self._forget_missing(known)
         return changed
 
@@ -379,6 +391,8 @@ class Watcher:
         self.poll_seconds = poll_seconds
         self.observers: dict[str, BaseObserver] = {}
         self.watches: dict[Path, Watch] = {}
+        # Why each watched folder is watched the way it is, for the log and `status`.
+        self.reasons: dict[Path, str] = {}
         self.unwatched: dict[Path, str] = {}
         self.inotify_refused: dict[Path, str] = {}
         self._lock = threading.Lock()
@@ -429,6 +443,18 @@ class Watcher:
             f"{path}: polled, not watched by inotify: {why}" for path, why in list(self.inotify_refused.items())
         ]
         return problems
+
+    def describe(self) -> list[dict[str, str | None]]:
+        """Each folder of the config: how it is watched now, and why (for `status`)."""
+        described: list[dict[str, str | None]] = []
+        for folder in self.config.folders:
+            watch = self.watches.get(folder.path)
+            if watch is not None:
+                mode, why = watch.mode, self.inotify_refused.get(folder.path) or self.reasons.get(folder.path, "")
+            else:
+                mode, why = "not watched", self.unwatched.get(folder.path, "not watched yet")
+            described.append({"path": str(folder.path), "unique_id": folder.unique_id, "mode": mode, "why": why})
+        return described
 
     def stop(self) -> None:
         self._stopped = True
@@ -499,6 +525,7 @@ class Watcher:
             log.error("cannot watch a folder; the rescan still covers it", path=str(folder.path), error=str(error))
             return
         self.unwatched.pop(folder.path, None)
+        self.reasons[folder.path] = reason
         log.info(
             "watching",
             path=str(folder.path),

@@ -114,12 +114,15 @@ class Scanner(Worker):
         self.watcher = watcher
         self.requests: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self.first_scan_done = threading.Event()
+        # When the next full rescan is due, as a wall-clock time for `status`.
+        self.next_full_scan = time.time()
 
     def request(self, path: Path | None = None) -> None:
         """Rescan a directory (None: every folder) soon; safe to call from an event handler."""
         self.requests.put(path)
 
     def scan_all(self) -> None:
+        self.next_full_scan = time.time() + self.config.watch.rescan_seconds
         if self.watcher is not None:
             self.watcher.refresh()
         for folder in self.config.folders:
@@ -385,7 +388,12 @@ class UploadWorker(Worker):
         except LedgerError:
             raise
         except Exception as error:
-            log.exception("uploading a file failed inside the daemon", path=str(row.path), unique_id=row.unique_id)
+            log.exception(
+                "uploading a file failed inside the daemon",
+                path=str(row.path),
+                unique_id=row.unique_id,
+                state="uploading",
+            )
             self.record_internal_error(row, error)
             return None
         finally:
@@ -462,7 +470,9 @@ class UploadWorker(Worker):
         except FileChanged as change:
             self.ledger.mark_changed(row.id)
             self.metrics.retried("changed")
-            log.warning("upload abandoned: the file changed; settling again", reason=str(change), **context)
+            log.warning(
+                "upload abandoned: the file changed; settling again", state="pending", reason=str(change), **context
+            )
             return None
         except Abandoned:
             self.ledger.release(row.id, "upload abandoned at shutdown")
@@ -510,7 +520,7 @@ class UploadWorker(Worker):
             if evidence.copies > 1:
                 note += f"; the server holds {evidence.copies} copies, {evidence.copies - 1} of them duplicates"
                 self.metrics.duplicates_found(evidence.copies - 1)
-                log.warning("duplicate uploads of one file", copies=evidence.copies, **context)
+                log.warning("duplicate uploads of one file", state="uploaded", copies=evidence.copies, **context)
             self.recovered(row, evidence.landed.video_no, note, context)
             return True
         if len(evidence.named) == 1 and not self.ledger.others_in_doubt(row):
@@ -519,7 +529,7 @@ class UploadWorker(Worker):
             return True
         if not evidence.unproven:
             self.ledger.mark_answered(row.id)
-            log.info("an unanswered upload did not land; sending again", **context)
+            log.info("an unanswered upload did not land; sending again", state="uploading", **context)
             return False
         if self.clock() - row.sent_at >= UNCERTAIN_SECONDS:
             self.ledger.mark_answered(row.id)
@@ -527,6 +537,7 @@ class UploadWorker(Worker):
             log.warning(
                 "POSSIBLE DUPLICATE: an upload still unproven either way after 6 h is sent again",
                 unproven=len(evidence.unproven),
+                state="uploading",
                 **context,
             )
             return False
@@ -541,7 +552,9 @@ class UploadWorker(Worker):
         folder = self.config.folder_for(row.path)
         self.ledger.mark_uploaded(row, video_no, note, action=folder.action if folder else None)
         self.actions_ready.set()
-        log.warning("an unanswered upload had landed; not sending it again", video_no=video_no, **context)
+        log.warning(
+            "an unanswered upload had landed; not sending it again", state="uploaded", video_no=video_no, **context
+        )
 
     def stay_uncertain(self, row: Row, why: str) -> None:
         """Ask again later, sooner while the send is recent: parsing, which lists the tags, takes minutes."""
