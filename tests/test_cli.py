@@ -228,7 +228,7 @@ def test_status_watch_redraws_until_interrupted(config_file: Path, tmp_path: Pat
     output = b""
     # Whole redraws are counted as they arrive, however slowly a busy machine produces them.
     while output.count(b"\x1b[2J") < 3:
-        chunk = watcher.stdout.read1(65536)
+        chunk = os.read(watcher.stdout.fileno(), 65536)
         assert chunk, f"status --watch ended early: {output!r}"
         output += chunk
     watcher.send_signal(signal.SIGINT)

@@ -225,7 +225,7 @@ def test_polls_ask_for_the_waiting_videos_by_number_in_each_rows_own_scope(
     queries = sandbox.list_queries()
     assert len(queries) == 2
     by_scope = {query.get("unique_id"): query for query in queries}
-    assert sorted(by_scope["cam-a"]["video_nos"]) == sorted(r.video_no for r in rows[:3])
+    assert sorted(by_scope["cam-a"]["video_nos"]) == sorted(r.video_no or "" for r in rows[:3])
     assert by_scope[None]["video_nos"] == [rows[3].video_no], "no unique_id: the scope `default`"
     assert ledger.awaiting_index() == []
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from memories_ingest import service
+from memories_ingest import view
 from memories_ingest.api import Outcome
 from memories_ingest.ledger import Ledger
 from memories_ingest.monitor import LedgerCheck, Metrics, Notifier, notify
@@ -52,7 +52,7 @@ class NotifyListener:
 
     def during(self, seconds: float) -> list[str]:
         deadline = time.monotonic() + seconds
-        received = []
+        received: list[str] = []
         while (left := deadline - time.monotonic()) > 0:
             try:
                 received.append(self.receive(left))
@@ -63,7 +63,7 @@ class NotifyListener:
     def wait_for(self, message: str, timeout: float = 10.0) -> list[str]:
         """Everything received up to and including the first datagram that starts with message."""
         deadline = time.monotonic() + timeout
-        received = []
+        received: list[str] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -220,7 +220,7 @@ def test_the_daemon_sends_ready_then_watchdog_pings_then_stopping(
 def test_the_watchdog_stops_when_a_worker_thread_ends(
     pipeline: Callable[..., Pipeline], systemd: NotifyListener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service.view, "PUBLISH_SECONDS", 0.2)
+    monkeypatch.setattr(view, "PUBLISH_SECONDS", 0.2)
     built = pipeline().start()
     daemon = running(built)
     systemd.wait_for("WATCHDOG=1")

@@ -488,7 +488,8 @@ def test_one_zygote_serves_every_probe(make_video: MakeVideo, open_fd: Callable[
     assert zygotes_seen == [[zygote]] * 3
     # Forking is safe only from a single thread; and a session of its own keeps a terminal's signals off it.
     assert re.search(r"^Threads:\s+1$", Path(f"/proc/{zygote}/status").read_text(), re.MULTILINE)
-    assert process_status(zygote)[1:] == (os.getpid(), zygote)
+    status = process_status(zygote)
+    assert status is not None and status[1:] == (os.getpid(), zygote)
     assert os.readlink(f"/proc/{zygote}/cwd") == "/"
 
 
@@ -507,7 +508,8 @@ def test_each_child_has_its_own_session_and_limits_and_only_its_file_open(
     assert limits["Max address space"] == [str(512 << 20)] * 2
     assert limits["Max core file size"] == ["0", "0"]
     assert limits["Max file size"] == ["0", "0"]
-    assert process_status(child)[1:] == (zygote, child)
+    status = process_status(child)
+    assert status is not None and status[1:] == (zygote, child)
     assert sorted(os.listdir(f"/proc/{child}/fd")) == ["0", "1", "2", "3"]
     assert os.readlink(f"/proc/{child}/fd/3") == str(hang)
 

@@ -25,6 +25,7 @@ def test_status_says_whether_a_daemon_runs_and_how_it_watches_each_folder(tmp_pa
         subprocess.Popen(
             [*COMMAND, "run", "-c", str(config)],
             stderr=subprocess.DEVNULL,
+            text=True,
             env={**os.environ, "MEMORIES_API_KEY": API_KEY},
         )
     )

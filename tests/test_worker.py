@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -20,7 +21,7 @@ import pytest
 
 from memories_ingest.api import DIALECTS
 from memories_ingest.files import identity_tag
-from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED
+from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED, Row
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 
@@ -505,9 +506,14 @@ def test_after_upload_delete_and_move_run_in_the_daemon(pipeline: Build, tmp_pat
     moved = write_video(tmp_path / "moved" / "kept.mp4", seconds=2)
     wait_until(lambda: not deleted.exists() and (done / "kept.mp4").exists(), what="the delete and the move")
     assert not moved.exists()
+
+    def acted_on(path: Path) -> Row | None:
+        row = run.row(path)
+        return row if row is not None and row.action is None else None
+
     for path in (deleted, moved):
         # The ledger hears of an action just after the file system does: wait for it, not for a clock.
-        row = wait_until(lambda p=path: (r := run.row(p)) and r.action is None and r, what="the actions recorded")
+        row = wait_until(functools.partial(acted_on, path), what="the actions recorded")
         assert row.state == UPLOADED and row.video_no
     # A moved or deleted file is never taken for a new one: the next full rescan changes nothing.
     assert run.daemon is not None
