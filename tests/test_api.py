@@ -75,6 +75,7 @@ def test_the_code_decides_not_the_words() -> None:
         ("Request is too busy", "rate_limited", None),
         ("something nobody documented", "unrecognised", None),
         ("camera_model is too long", "unrecognised", None),
+        ("cannot parse the file", "unrecognised", None),
     ],
 )
 def test_an_undocumented_code_is_read_by_its_words_and_only_to_keep_the_file(msg: str, kind: str, cause: str) -> None:

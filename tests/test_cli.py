@@ -22,9 +22,7 @@ from memories_ingest.pacing import Pacer
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 
-from conftest import API_KEY, daemon_config, spawned, wait_until
-
-COMMAND = [sys.executable, "-m", "memories_ingest.cli"]
+from conftest import API_KEY, COMMAND, daemon_config, row_of, spawned, wait_until
 
 
 @pytest.fixture
@@ -373,3 +371,51 @@ def test_upload_draws_one_clean_progress_line_that_log_lines_never_share(
     for line in drawn.split(b"\n"):
         # A log line starts a line of its own: the bar never runs into it.
         assert b"big.mp4 [" not in line or b"uploaded" not in line.split(b"big.mp4 [")[-1]
+
+
+def big(tmp_path: Path, folder: str, megabytes: int = 24) -> Path:
+    staging = write_video(tmp_path / f"staging-{folder}.mp4", faststart=True)
+    return faststart_padding(staging, megabytes << 20).rename(tmp_path / folder / "big.mp4")
+
+
+def test_a_daemon_starting_beside_an_upload_leaves_its_row_alone(
+    config_file: Path, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    video = big(tmp_path, "watched")
+    sandbox.inject("trickle", bytes_per_second=4 << 20)
+    upload = spawned(
+        subprocess.Popen(
+            [*COMMAND, "upload", str(video), "-c", str(config_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(),
+        )
+    )
+    wait_until(lambda: (row := row_of(tmp_path, video)) is not None and row.state == "uploading", 30, "the upload")
+    daemon = start_daemon(config_file)
+    try:
+        stdout, _ = upload.communicate(timeout=90)
+        assert upload.returncode == 0 and stdout.startswith("uploaded ")
+        wait_until(lambda: "last heartbeat" in cli("status", config=config_file).stdout, 30, "the daemon at work")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=30)
+    assert len(sandbox.received()) == 1, "the daemon never took the file over from a live upload"
+
+
+def test_an_upload_that_died_mid_file_is_taken_over_by_the_next(
+    config_file: Path, tmp_path: Path, sandbox: Sandbox
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    video = big(tmp_path, "elsewhere")
+    sandbox.inject("trickle", bytes_per_second=2 << 20)
+    first = spawned(
+        subprocess.Popen([*COMMAND, "upload", str(video), "-c", str(config_file)], env=environment(), text=True)
+    )
+    wait_until(lambda: (row := row_of(tmp_path, video)) is not None and row.state == "uploading", 30, "the upload")
+    first.kill()
+    first.wait(timeout=30)
+    again = cli("upload", str(video), config=config_file)
+    assert again.returncode == 0 and again.stdout.startswith(f"uploaded {video}: VI"), again.stdout + again.stderr
+    assert [video_.filename for video_ in sandbox.received()] == ["big.mp4"]

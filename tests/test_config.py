@@ -313,3 +313,20 @@ def test_check_online_says_whether_the_key_works_and_never_uploads(tmp_path: Pat
     assert [query["unique_id"] for query in queries] == ["garden"]
     # The sandbox has stopped: nothing listens at its address any more.
     assert check(path, "--online", key="sk-right").returncode == 69
+
+
+def test_a_key_pasted_where_its_variable_or_file_is_named_is_never_echoed(tmp_path: Path) -> None:
+    for api in ("{api_key_env: sk-live-0123456789abcdef}", "{api_key_file: sk-live-0123456789abcdef}"):
+        config = write(tmp_path, f"api: {api}\nledger: {tmp_path}/ledger.db\nfolders: [{{path: v}}]\n")
+        result = check(config, key=None)
+        assert result.returncode == 78
+        assert "sk-live" not in result.stderr + result.stdout
+        assert "api.api_key_env: is not the name of an environment variable" in result.stderr or (
+            "cannot read the file that api.api_key_file names: No such file or directory" in result.stderr
+        )
+
+
+def test_a_relative_key_file_is_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "api-key").write_text("sk-from-beside-the-config\n")
+    config = parse({"api": {"api_key_file": "api-key"}, "folders": [{"path": "v"}]}, tmp_path / "c.yaml")
+    assert read_api_key(config.api, {}) == "sk-from-beside-the-config"

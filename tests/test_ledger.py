@@ -26,6 +26,8 @@ from memories_ingest.ledger import (
     LedgerLocationError,
     Pause,
     location_problem,
+    process_alive,
+    this_process,
 )
 
 
@@ -120,14 +122,26 @@ def test_concurrent_claims_from_threads_never_share_a_row(ledger: Ledger) -> Non
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40
 
 
-def test_interrupted_uploads_go_back_to_the_queue(ledger: Ledger) -> None:
-    seen(ledger, "a.mp4")
-    queue(ledger, "a.mp4")
+CLAIM_AND_DIE = """
+import sys
+from pathlib import Path
+from memories_ingest.ledger import Ledger
+assert Ledger(sys.argv[1]).claim([Path(sys.argv[2])]) is not None
+"""
+
+
+def test_only_the_uploads_of_processes_that_died_go_back_to_the_queue(ledger: Ledger) -> None:
+    for name in ("mine.mp4", "theirs.mp4"):
+        seen(ledger, name)
+        queue(ledger, name)
     assert ledger.claim([FOLDER]) is not None
-    reopened = Ledger(ledger.path)
-    assert reopened.requeue_interrupted() == 1
-    row = reopened.get(FOLDER / "a.mp4")
-    assert row is not None and row.state == QUEUED and row.attempts == 1
+    # Another process claims the other row, then dies without a word, as an `upload` in a dropped SSH session.
+    subprocess.run([sys.executable, "-c", CLAIM_AND_DIE, str(ledger.path), str(FOLDER)], check=True)
+    assert ledger.requeue_orphans() == 1
+    mine, theirs = (ledger.get(FOLDER / name) for name in ("mine.mp4", "theirs.mp4"))
+    assert mine is not None and mine.state == UPLOADING, "a live process's upload is left alone"
+    assert theirs is not None and theirs.state == QUEUED and theirs.attempts == 1
+    assert process_alive(this_process()) and not process_alive("999999999:1")
 
 
 def test_an_uploaded_file_touched_but_unchanged_keeps_its_video(ledger: Ledger) -> None:
@@ -284,3 +298,25 @@ def test_integrity_after_heavy_use(ledger: Ledger) -> None:
     conn = sqlite3.connect(ledger.path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert REJECTED not in ledger.counts() or ledger.counts()[REJECTED] == 0
+
+
+def test_a_file_touched_after_an_unanswered_send_still_counts_as_in_doubt(ledger: Ledger) -> None:
+    for day in ("day1", "day2"):
+        path = FOLDER / day / "clip.mp4"
+        ledger.record_seen(path, FOLDER, "scope", Version(100, 1, hash(day) % 1000, 1))
+        row = ledger.get(path)
+        assert row is not None and ledger.mark_queued(row, f"fp-{day}", {})
+        claimed = ledger.claim([FOLDER])
+        assert claimed is not None
+        ledger.mark_sent(claimed.id)
+        ledger.mark_retry(claimed.id, 0.0, "timed out")
+    touched = ledger.get(FOLDER / "day1" / "clip.mp4")
+    assert touched is not None and touched.state == "uncertain"
+    # A chmod: the file settles again, is the same content, and is queued with its send still in doubt.
+    ledger.record_seen(touched.path, FOLDER, "scope", Version(100, 1, touched.inode, 2))
+    pending = ledger.get(touched.path)
+    assert pending is not None and ledger.mark_queued(pending, "fp-day1", {})
+    requeued = ledger.get(touched.path)
+    other = ledger.get(FOLDER / "day2" / "clip.mp4")
+    assert requeued is not None and requeued.state == QUEUED and requeued.sent_at is not None
+    assert other is not None and ledger.others_in_doubt(other)

@@ -16,6 +16,7 @@ import pytest
 
 from memories_ingest import api
 from memories_ingest.api import Outcome
+from memories_ingest.files import Version
 from memories_ingest.ledger import Ledger, LedgerLock, Pause
 from memories_ingest.pacing import (
     FLOOR_PER_SECOND,
@@ -92,6 +93,9 @@ def test_a_stopped_limiter_wait_gives_its_slot_back() -> None:
     assert limiter.acquire(stop)
     stop.set()
     assert not limiter.acquire(stop)
+    # The slot the stopped wait had taken is the next one's: nobody waits two intervals for it.
+    clock.now = limiter.interval
+    assert limiter.acquire(ClockEvent(clock)) and clock.now == limiter.interval
 
 
 def slots(pacer: Pacer, stop: threading.Event, count: int) -> list[float]:
@@ -334,3 +338,46 @@ def test_requests_reach_the_server_no_closer_than_the_pace_while_the_host_is_bus
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == requests_to_send
     assert min(gaps) >= 1 / rate, f"two requests {min(gaps):.4f} s apart"
+
+
+def test_the_indexing_window_never_replaces_an_account_pause(ledger: Ledger) -> None:
+    clock = FakeClock(1000.0)
+    gate = Gate(ledger, account_check_seconds=600, key_id="k", clock=clock)
+    for number in range(2):
+        ledger.record_seen(Path(f"/v/{number}.mp4"), Path("/v"), "s", Version(1, 1, number, 1))
+        row = ledger.get(Path(f"/v/{number}.mp4"))
+        assert row is not None and ledger.mark_queued(row, f"fp{number}", {})
+        claimed = ledger.claim([Path("/v")])
+        assert claimed is not None
+        ledger.mark_uploaded(claimed, f"VI{number}")
+    paused(ledger, until=clock.now + 600)
+    assert gate.indexing_window_full(2)
+    pause = ledger.pause()
+    assert pause is not None and pause.kind == "account" and pause.until == clock.now + 600
+
+
+class Oversleeping(threading.Event):
+    """A wait that comes back late by `late` seconds the first time: a thread the host was slow to wake."""
+
+    def __init__(self, clock: FakeClock, late: float) -> None:
+        super().__init__()
+        self.clock, self.late = clock, late
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.clock.now += (timeout or 0) + self.late
+        self.late = 0.0
+        return False
+
+
+def test_a_process_that_went_late_pushes_the_next_one_back(tmp_path: Path) -> None:
+    """A reserved slot 1000, B slot 1001; A wakes at 1001.6 and goes. B must not go at 1001.6 too."""
+    ledger = Ledger(tmp_path / "ledger.db")
+    clock = FakeClock(1000.0)
+    first, second = Pacer(ledger, 1.0, clock=clock), Pacer(ledger, 1.0, clock=clock)
+    assert first.acquire(ClockEvent(clock)) == 1000.0  # the slot before: the schedule now says 1001.015
+    late = Oversleeping(clock, late=0.6)
+    went_late = first.acquire(late)
+    assert went_late is not None and clock.now == pytest.approx(1001.615)
+    assert second.acquire(ClockEvent(clock)) is not None
+    assert clock.now - 1001.615 >= 1.0, "the next one goes a whole interval after the late one"
+    ledger.close()

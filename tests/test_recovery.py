@@ -21,11 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
+from requests_toolbelt import MultipartEncoder
 
 from memories_ingest.ledger import UPLOADED, UPLOADING, Ledger
 from memories_ingest.samples import faststart_padding, write_video
-from memories_ingest.sandbox import Sandbox
+from memories_ingest.sandbox import UPLOAD_PATH, Sandbox
 
 from conftest import API_KEY, pause_of, read_ledger, spawned, wait_until
 
@@ -373,7 +375,7 @@ def test_a_new_ledger_where_an_earlier_one_was_sends_nothing_until_rebuilt(tmp_p
     finally:
         daemon.send_signal(signal.SIGTERM)
         _, stderr = daemon.communicate(timeout=30)
-    assert "THE LEDGER IS NEW, BUT AN EARLIER ONE WAS HERE" in stderr
+    assert "THIS IS NOT THE LEDGER THAT WAS HERE BEFORE" in stderr
     assert "kept 2 uploads here" in status and "memories-ingest rebuild" in status
     assert len(sandbox.received()) == 2, "nothing is sent twice"
 
@@ -398,9 +400,108 @@ def test_an_orphaned_journal_beside_a_missing_ledger_is_a_trace_too(tmp_path: Pa
     try:
         wait_until(lambda: pause_kind(tmp_path) == "ledger", 30, "the pause for a new ledger")
         resumed = run_command(config, "resume")
-        assert resumed.returncode == 0 and "lifted: this ledger is new" in resumed.stdout
+        assert resumed.returncode == 0 and "lifted: this ledger is new, and an earlier" in resumed.stdout
         wait_until(lambda: len(sandbox.received()) == 1, 30, "the upload once a person resumed")
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.communicate(timeout=30)
     assert list(tmp_path.glob("ledger.db-wal.orphaned-*")), "the orphan is set aside, not replayed"
+
+
+def test_a_server_that_names_videos_after_files_proves_a_landing_by_its_one_name(tmp_path: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=20, parse_seconds=3600, video_names="stem") as sandbox:
+        config = write_config(tmp_path, sandbox)
+        (video,) = same_size_videos(tmp_path / "watched", ["clip.mp4"])
+        sandbox.inject("slow", seconds=8, accept=True)
+        finish(config, tmp_path, [video.name])
+        (received,) = sandbox.received()
+    with read_ledger(tmp_path) as ledger:
+        assert ledger is not None
+        row = ledger.get(video)
+    assert row is not None and row.video_no == received.video_no
+    assert row.error and "the only video of its name and size since the send" in row.error
+
+
+def test_files_of_one_name_and_size_never_take_each_others_video_by_name(tmp_path: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=20, parse_seconds=3600, video_names="stem") as sandbox:
+        config = write_config(tmp_path, sandbox)
+        document = yaml.safe_load(config.read_text())
+        document["folders"][0]["recursive"] = True
+        config.write_text(yaml.safe_dump(document))
+        for day in ("day1", "day2"):
+            (tmp_path / "watched" / day).mkdir()
+        first = same_size_videos(tmp_path / "watched" / "day1", ["clip.mp4"])
+        second = same_size_videos(tmp_path / "watched" / "day2", ["clip.mp4"])
+        # One body lands with its answer lost; the other is dropped behind a gateway timeout.
+        sandbox.inject("slow", seconds=8, accept=True)
+        sandbox.inject("slow", seconds=8, accept=False)
+        daemon = start(config)
+        try:
+            wait_until(lambda: len(doubts(tmp_path)) == 2, 90, "both to stay in doubt")
+        finally:
+            kill(daemon)
+        assert len(sandbox.received()) == 1
+    with read_ledger(tmp_path) as ledger:
+        assert ledger is not None
+        assert [ledger.get(path) for path in (*first, *second)] and not ledger.delivered_video_numbers()
+
+
+def test_neither_an_upload_on_a_new_ledger_nor_a_restored_backup_slips_past_the_check(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    config = write_config(tmp_path, sandbox)
+    names = ["a.mp4", "b.mp4"]
+    write_video(tmp_path / "watched" / names[0])
+    finish(config, tmp_path, names[:1])
+    backup = tmp_path / "backup.db"
+    with read_ledger(tmp_path) as ledger:
+        assert ledger is not None
+        ledger.db.conn.execute(f"VACUUM INTO '{backup}'")
+    write_video(tmp_path / "watched" / names[1], seconds=2)
+    finish(config, tmp_path, names)
+
+    # The ledger goes; an `upload` by hand makes a new one with one upload of its own.
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"ledger.db{suffix}").unlink(missing_ok=True)
+    by_hand = write_video(tmp_path / "by-hand.mp4", seconds=3)
+    uploaded = run_command(config, "upload", str(by_hand))
+    assert uploaded.returncode == 75 and "this is not the ledger that kept 2 uploads here" in uploaded.stderr
+    assert pause_kind(tmp_path) == "ledger"
+
+    # An older copy of the right ledger comes back from a backup.
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"ledger.db{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, tmp_path / "ledger.db")
+    daemon = start(config)
+    try:
+        wait_until(lambda: pause_kind(tmp_path) == "ledger", 30, "the pause for an older copy")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    assert "this ledger records 1 uploads, but it had 2 when last seen" in stderr
+    assert len(sandbox.received()) == 2, "nothing was sent twice"
+
+
+def test_rebuild_never_gives_one_unparsed_video_to_two_files_of_a_scope(tmp_path: Path) -> None:
+    with Sandbox(api_key=API_KEY, rate_per_second=20, parse_seconds=3600, video_names="stem") as sandbox:
+        config = write_config(tmp_path, sandbox)
+        document = yaml.safe_load(config.read_text())
+        document["folders"] = [{"path": "cam-a", "unique_id": "home"}, {"path": "cam-b", "unique_id": "home"}]
+        config.write_text(yaml.safe_dump(document))
+        for camera in ("cam-a", "cam-b"):
+            (tmp_path / camera).mkdir()
+        (first,) = same_size_videos(tmp_path / "cam-a", ["clip.mp4"])
+        same_size_videos(tmp_path / "cam-b", ["clip.mp4"])
+        # memories.ai holds one unparsed video named `clip`, of their size: it cannot tell which file it is.
+        fields = [("unique_id", "home")]
+        encoder = MultipartEncoder(fields=[*fields, ("file", ("clip.mp4", first.read_bytes(), "video/mp4"))])
+        requests.post(
+            sandbox.url + UPLOAD_PATH,
+            data=encoder,
+            headers={"Content-Type": encoder.content_type, "Authorization": API_KEY},
+            timeout=10,
+        )
+        rebuilt = run_command(config, "rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "0 file(s) recorded as already on memories.ai" in rebuilt.stdout
+    assert "2 not found there" in rebuilt.stdout

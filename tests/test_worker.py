@@ -602,3 +602,14 @@ def test_a_file_not_readable_yet_is_tried_again_and_uploaded_once_it_is(tmp_path
         daemon.terminate()
         daemon.communicate(timeout=30)
     assert len(sandbox.received()) == 1
+
+
+def test_duplicate_refusals_are_checked_with_list_videos_and_backed_off(pipeline: Build, tmp_path: Path) -> None:
+    run = pipeline()
+    run.sandbox.inject("answer", times=3, name="duplicate")
+    video = write_video(tmp_path / "watched" / "a.mp4")
+    run.start()
+    row = run.wait_state(video, UPLOADED, timeout=60)
+    assert [record.code for record in run.sandbox.requests()] == ["0409", "0409", "0409", "0000"]
+    assert row.attempts == 4, "each refused send counts, so that the wait before the next one grows"
+    assert len(run.sandbox.list_queries()) >= 3, "list_videos is asked before each send again"

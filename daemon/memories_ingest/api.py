@@ -124,7 +124,8 @@ _WORDS: tuple[tuple[Kind, Cause | None, re.Pattern[str], str], ...] = (
     (
         "account",
         "indexing_cap",
-        re.compile(r"index|pars(e|ing)|concurren|in progress|unparsed", re.I),
+        # Not any "parse": "cannot parse the file" is about the file, and must not pause the whole account.
+        re.compile(r"index|being parsed|parsing (queue|limit|cap)|concurren|unparsed", re.I),
         INDEXING_CAP_ADVICE,
     ),
     ("account", "balance", re.compile(r"balance|points|credit|recharge|quota|arrear|payment", re.I), ""),

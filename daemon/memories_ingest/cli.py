@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
@@ -56,7 +57,7 @@ from .ledger import (
 from .monitor import Metrics
 from .pacing import Access, Gate, Pacer
 from .recovery import rebuild
-from .service import Daemon, Exit, Signals
+from .service import Daemon, Exit, Signals, pause_for_another_ledger, stop_on_signals
 from .uploader import Client, ListFailed
 from .view import printable
 from .watcher import Recorder
@@ -71,6 +72,10 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
 
+    def scrub(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        # Before rendering too: JSON escapes a key holding " or \, and the escaped form would slip past.
+        return {name: _scrubbed(value) for name, value in event.items()}
+
     def renderer(logger: Any, method: str, event: Any) -> str:
         bar = _ProgressBar.active
         if bar is not None:
@@ -83,6 +88,7 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _timestamp,
+            scrub,
             # Tracebacks without local variables: a frame's locals could hold the API key.
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
             if not stream.isatty()
@@ -93,6 +99,16 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _scrubbed(item) for name, item in value.items()}
+    return value
 
 
 def _timestamp(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -199,6 +215,7 @@ def _client(config: Config, key: str) -> Client:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     prober.start()
+    _not_dumpable()
     log = structlog.get_logger()
     signals = Signals()
 
@@ -228,6 +245,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if held is not None:
             held.release()
+
+
+def _not_dumpable() -> None:
+    """Keep other processes of this user (a subverted probe child among them) out of /proc/PID/environ and mem.
+
+    The key is in this process's memory, and may be in its environment; without PR_SET_DUMPABLE, any process
+    of the same uid could read both.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        structlog.get_logger().warning("cannot make the daemon undumpable", error=os.strerror(ctypes.get_errno()))
 
 
 def _hold(config: Config, held: LedgerLock | None) -> LedgerLock:
@@ -291,14 +319,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
+    # SIGHUP too: a dropped SSH session must stop an `upload` cleanly, not kill it mid-row.
+    return stop_on_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _row_json(row: Row) -> dict[str, Any]:
@@ -450,6 +472,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
     folders = {path.parent: _upload_folder(config, path, args.unique_id, args.tag) for path in paths}
     config = dataclasses.replace(config, folders=(*folders.values(), *config.folders))
     ledger = _open_ledger(config.ledger, create=True)
+    earlier = ledger.earlier_ledger()
+    if earlier is not None and ledger.pause() is None:
+        print(f"memories-ingest: {pause_for_another_ledger(ledger, earlier)}", file=sys.stderr)
     client = _client(config, key)
     stop = _stop_on_signals()
     gate = Gate(ledger, account_check_seconds=config.upload.account_check_seconds, key_id=client.key_id)
@@ -510,6 +535,8 @@ def _upload_one(
         return f"already uploaded {path}: {row.video_no}"
     if row.state in (FAILED, REJECTED, GONE):
         ledger.retry([path])
+    # An `upload` that died mid-row (killed, its terminal gone) left it `uploading`: this one takes it over.
+    ledger.requeue_orphans()
     progress = _ProgressBar(path.name, info.st_size)
     uploader.on_progress = progress
     while not stop.is_set():
@@ -729,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PR_SET_DUMPABLE = 4
 # Commands that only print: when what reads them goes away (`status | head`), they end quietly, as `cat` does.
 PRINTING_COMMANDS = frozenset({"status", "list", "check", "probe", "retry", "resume"})
 

@@ -104,6 +104,14 @@ class ApiSection(_Strict):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        # Never echoed: a key pasted here by mistake must not reach the terminal or the journal.
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("is not the name of an environment variable: it names the variable that holds the key")
+        return value
+
 
 class WatchSection(_Strict):
     settle_seconds: float = Field(5.0, ge=0)
@@ -405,9 +413,12 @@ def parse(document: Any, source: Path) -> Config:
     problems = _folder_problems(list(enumerate(folders))) + _indexing_problems(checked.indexing)
     if problems:
         raise ConfigError(source, problems)
+    api = checked.api
+    if api.api_key_file:
+        api = api.model_copy(update={"api_key_file": str((base / os.path.expanduser(api.api_key_file)).resolve())})
     return Config(
         source=source,
-        api=checked.api,
+        api=api,
         ledger=(base / os.path.expanduser(checked.ledger)).resolve(),
         watch=checked.watch,
         upload=checked.upload,
@@ -511,17 +522,18 @@ def read_api_key(api: ApiSection, environ: Mapping[str, str] | None = None) -> s
         return _usable(env[api.api_key_env], f"the environment variable {api.api_key_env}")
     candidates = []
     if api.api_key_file:
-        candidates.append(Path(os.path.expanduser(api.api_key_file)))
+        candidates.append((Path(os.path.expanduser(api.api_key_file)), "the file that api.api_key_file names"))
     if env.get("CREDENTIALS_DIRECTORY"):
-        candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / "api-key")
-    for candidate in candidates:
+        candidates.append((Path(env["CREDENTIALS_DIRECTORY"]) / "api-key", "the systemd credential api-key"))
+    for candidate, where in candidates:
+        # The path is not echoed: a key pasted into api.api_key_file by mistake must not reach the journal.
         try:
             text = candidate.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise MissingApiKey(f"the API key file {candidate} is not text") from None
+            raise MissingApiKey(f"{where} is not text") from None
         except OSError as error:
-            raise MissingApiKey(f"cannot read the API key file {candidate}: {error.strerror}") from None
-        return _usable(text, f"the API key file {candidate}")
+            raise MissingApiKey(f"cannot read {where}: {error.strerror}") from None
+        return _usable(text, where)
     raise MissingApiKey(f"no API key: set the environment variable {api.api_key_env} or api.api_key_file in the config")
 
 

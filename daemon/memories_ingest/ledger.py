@@ -124,6 +124,25 @@ def remember(ledger: Path, entry: dict[str, Any]) -> None:
     written.replace(store)
 
 
+def this_process() -> str:
+    """This process, in a way no later process can share: its pid and its start time since boot."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def process_alive(owner: str | None) -> bool:
+    """Whether the process a claim names still runs (and is the same process, not a new one with its pid)."""
+    try:
+        pid, started = (owner or "").split(":")
+        return _start_time(int(pid)) == started
+    except (ValueError, OSError):
+        return False
+
+
+def _start_time(pid: int) -> str:
+    # Field 22 of /proc/PID/stat, counted after the command name, which may itself hold spaces and parentheses.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
 def location_problem(path: Path) -> str | None:
     """Why a ledger cannot live at path, or None. Tried for real (a file made and removed): root passes os.access."""
     directory = path.parent
@@ -203,16 +222,30 @@ class Ledger:
         return None
 
     def earlier_ledger(self) -> str | None:
-        """What says an earlier ledger kept this one's place, when this one has recorded no upload yet."""
-        if self._read("SELECT 1 FROM uploads LIMIT 1"):
-            return None
+        """What says that this is not the ledger that kept this place before, if anything does.
+
+        An earlier ledger's journal beside a new one; another ledger remembered in the directory with uploads (even
+        once this one has some: an `upload` may have made it); or this very ledger remembered with more uploads
+        than it has now (an older copy, restored from a backup).
+        """
         if self.orphans:
             names = ", ".join(path.name for path in self.orphans)
-            return f"an earlier ledger's journal files were beside it ({names}, now set aside)"
+            return f"this ledger is new, and an earlier ledger's journal files were beside it ({names}, now set aside)"
         memory = remembered(self.path)
-        if memory and memory.get("id") != self.ledger_id and int(memory.get("uploads", 0)) > 0:
-            seen = datetime.fromtimestamp(float(memory.get("seen", 0))).strftime("%Y-%m-%d %H:%M")
-            return f"the ledger {memory['id']} kept {memory['uploads']} uploads here (last seen {seen})"
+        if not memory or int(memory.get("uploads", 0)) == 0:
+            return None
+        seen = datetime.fromtimestamp(float(memory.get("seen", 0))).strftime("%Y-%m-%d %H:%M")
+        if memory.get("id") != self.ledger_id:
+            return (
+                f"this is not the ledger that kept {memory['uploads']} uploads here "
+                f"(ledger {memory['id']}, last seen {seen})"
+            )
+        uploads = int(self._read("SELECT COUNT(*) FROM uploads")[0][0])
+        if uploads < int(memory["uploads"]):
+            return (
+                f"this ledger records {uploads} uploads, but it had {memory['uploads']} when last seen ({seen}): "
+                "an older copy, restored from a backup?"
+            )
         return None
 
     def remember(self) -> None:
@@ -438,9 +471,9 @@ class Ledger:
             if found is None:
                 return None
             conn.execute(
-                "UPDATE files SET state = ?, attempts = attempts + 1, bytes_sent = 0, started_at = ?, updated_at = ?"
-                " WHERE id = ?",
-                [UPLOADING, now, now, found["id"]],
+                "UPDATE files SET state = ?, attempts = attempts + 1, bytes_sent = 0, started_at = ?, updated_at = ?,"
+                " claimed_by = ? WHERE id = ?",
+                [UPLOADING, now, now, this_process(), found["id"]],
             )
         return self.get_id(found["id"])
 
@@ -449,9 +482,9 @@ class Ledger:
         now = self.clock()
         with self._write() as conn:
             claimed = conn.execute(
-                "UPDATE files SET state = ?, attempts = attempts + 1, bytes_sent = 0, started_at = ?, updated_at = ?"
-                f" WHERE id = ? AND state IN ({','.join('?' * len(DUE))}) AND next_attempt_at <= ?",
-                [UPLOADING, now, now, row_id, *DUE, now],
+                "UPDATE files SET state = ?, attempts = attempts + 1, bytes_sent = 0, started_at = ?, updated_at = ?,"
+                f" claimed_by = ? WHERE id = ? AND state IN ({','.join('?' * len(DUE))}) AND next_attempt_at <= ?",
+                [UPLOADING, now, now, this_process(), row_id, *DUE, now],
             ).rowcount
         return self.get_id(row_id) if claimed else None
 
@@ -557,25 +590,26 @@ class Ledger:
                 [RETRYING, UNCERTAIN, row_id],
             )
 
-    def mark_uncertain(self, row_id: int, at: float, why: str) -> None:
+    def mark_uncertain(self, row_id: int, at: float, why: str, *, attempted: bool = False) -> None:
         """The upload may have landed, and list_videos cannot yet prove it either way: ask again at `at`.
 
-        Asking is not an attempt at the upload, so it is not counted as one.
+        Asking is not an attempt at the upload, so it is not counted as one; a send that the API answered with a
+        duplicate refusal is (attempted), so that its backoff grows.
         """
         now = self.clock()
         with self._write() as conn:
             conn.execute(
                 "UPDATE files SET state = ?, sent_at = COALESCE(sent_at, ?), next_attempt_at = ?, error = ?,"
-                " attempts = MAX(attempts - 1, 0), updated_at = ? WHERE id = ?",
-                [UNCERTAIN, now, at, redact(why), now, row_id],
+                " attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END, updated_at = ? WHERE id = ?",
+                [UNCERTAIN, now, at, redact(why), attempted, now, row_id],
             )
 
     def others_in_doubt(self, row: Row) -> bool:
         """Whether another file of the same scope, size and name may also have landed unanswered."""
+        # Whatever its state: a file touched since its send is queued again with the send still in doubt.
         found = self._read(
-            "SELECT path FROM files WHERE unique_id IS ? AND size = ? AND id != ? AND sent_at IS NOT NULL"
-            " AND state IN (?, ?, ?)",
-            [row.unique_id, row.size, row.id, UNCERTAIN, UPLOADING, RETRYING],
+            "SELECT path FROM files WHERE unique_id IS ? AND size = ? AND id != ? AND sent_at IS NOT NULL",
+            [row.unique_id, row.size, row.id],
         )
         return any(Path(os.fsdecode(r["path"])).stem == row.path.stem for r in found)
 
@@ -616,15 +650,25 @@ class Ledger:
                 [PENDING, now, now, row_id],
             )
 
-    def requeue_interrupted(self) -> int:
-        """Rows left `uploading` by a daemon that died: back to the queue, or `uncertain` if the body went out."""
+    def requeue_orphans(self) -> int:
+        """Rows left `uploading` by a process that died (a daemon, an `upload`): back to the queue.
+
+        A row whose body went out becomes `uncertain` instead. A row a live process is uploading is left alone.
+        """
         now = self.clock()
         with self._write() as conn:
-            return conn.execute(
-                "UPDATE files SET state = CASE WHEN sent_at IS NULL THEN ? ELSE ? END, next_attempt_at = ?,"
-                " updated_at = ? WHERE state = ?",
-                [QUEUED, UNCERTAIN, now, now, UPLOADING],
-            ).rowcount
+            orphans = [
+                found["id"]
+                for found in conn.execute("SELECT id, claimed_by FROM files WHERE state = ?", [UPLOADING])
+                if not process_alive(found["claimed_by"])
+            ]
+            for row_id in orphans:
+                conn.execute(
+                    "UPDATE files SET state = CASE WHEN sent_at IS NULL THEN ? ELSE ? END, next_attempt_at = ?,"
+                    " claimed_by = NULL, updated_at = ? WHERE id = ? AND state = ?",
+                    [QUEUED, UNCERTAIN, now, now, row_id, UPLOADING],
+                )
+        return len(orphans)
 
     def retry(self, paths: Iterable[Path]) -> list[tuple[Path, str]]:
         """Put these files back in the queue, each validated again first; says for each what was done and why."""

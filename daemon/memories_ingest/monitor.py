@@ -128,6 +128,11 @@ class Notifier:
         self._last_ping = now
         notify("WATCHDOG=1")
 
+    @property
+    def withheld(self) -> list[str]:
+        """Why the watchdog pings are withheld now; empty while they go out."""
+        return list(self._withheld)
+
     def stopping(self) -> None:
         notify("STOPPING=1\nSTATUS=stopping: letting uploads in flight finish")
 

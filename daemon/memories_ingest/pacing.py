@@ -107,6 +107,8 @@ class Pace:
     accepted_in_a_row: int = 0
     settled_for: int = 0
     next_slot: float = 0.0
+    # When the last upload went out, by the clock of the process that sent it.
+    last_sent: float | None = None
     limited_at: float | None = None
 
     @property
@@ -169,22 +171,27 @@ class Pacer:
         return False
 
     def acquire(self, stop: threading.Event) -> float | None:
-        """Take the next free slot and wait for it; returns the slot, or None when stop was set first.
+        """Take the next free slot, wait for it, and go; returns the slot, or None when stop was set first.
 
-        A stopped wait gives its slot back. A wait that overslept its slot by more than half the margin takes
-        a new one, so no two requests go out closer than 1/rate even when this thread was slow to wake.
+        A stopped wait gives its slot back. Going is recorded in the ledger, and nobody goes sooner than 1/rate
+        after the last one went: a wait that overslept (a slow thread, a busy host) takes a new slot instead of
+        squeezing the next request closer to its own.
         """
-        slot = 0.0
-        for _ in range(3):
+        while True:
             reserved: tuple[float, float] = self._change(self._reserve)
             slot, interval = reserved
             while (wait := slot - self.clock()) > 0:
                 if stop.wait(wait):
                     self._change(functools.partial(self._give_back, slot=slot, interval=interval))
                     return None
-            if self.clock() - slot <= interval * MARGIN / 2:
-                break
-        return slot
+            if self._change(self._go):
+                return slot
+
+    def _go(self, pace: Pace) -> tuple[Pace, bool]:
+        now = self.clock()
+        if pace.last_sent is not None and now - pace.last_sent < 1.0 / pace.rate:
+            return pace, False
+        return dataclasses.replace(pace, last_sent=now), True
 
     def _reserve(self, pace: Pace) -> tuple[Pace, tuple[float, float]]:
         slot = max(self.clock(), pace.next_slot)
@@ -334,11 +341,18 @@ class Gate:
             return False
         frees_at = recent[len(recent) - limit] + INDEXING_WINDOW_SECONDS
         reason = f"{len(recent)} uploads of the last 2 h may still be indexing; upload.max_indexing is {limit}"
-        earlier = self.ledger.pause()
-        first = earlier is None or earlier.kind != "indexing_window"
-        since = now if first or earlier is None else earlier.since
         until = now + min(max(frees_at - now, 1.0), 60.0)
-        self.ledger.set_pause(Pause(reason=reason, since=since, until=until, kind="indexing_window"))
-        if first:
+
+        def hold(found: Any) -> tuple[Any, bool]:
+            earlier = Pause.from_json(found) if found else None
+            # An account or ledger pause says more, and ends only by its own trial or a person: it stays.
+            if earlier is not None and earlier.kind != "indexing_window":
+                return found, False
+            first = earlier is None
+            since = now if earlier is None else earlier.since
+            held = Pause(reason=reason, since=since, until=until, kind="indexing_window")
+            return dataclasses.asdict(held), first
+
+        if self.ledger.update_setting("pause", hold):
             log.warning("uploads paused before the indexing cap", reason=reason)
         return True

@@ -62,26 +62,59 @@ def rebuild(
     stop: threading.Event,
     report: Callable[[str], None],
 ) -> Rebuilt:
-    """Record as delivered every file in the folders that a video of its scope proves memories.ai holds."""
+    """Record as delivered every file in the folders that a video of its scope proves memories.ai already holds."""
     found = Rebuilt()
-    scopes: dict[str | None, list[ListedVideo]] = {}
+    known = ledger.delivered_video_numbers()
+    scopes: dict[str | None, list[Folder]] = {}
     for folder in config.folders:
-        if folder.unique_id not in scopes:
-            scopes[folder.unique_id] = scope_videos(client, folder.unique_id, stop)
-            report(f"scope {folder.unique_id or api.DEFAULT_SCOPE}: {len(scopes[folder.unique_id])} videos listed")
-        _rebuild_folder(config, folder, scopes[folder.unique_id], ledger, dry_run=dry_run, found=found)
+        scopes.setdefault(folder.unique_id, []).append(folder)
+    for unique_id, folders in scopes.items():
+        videos = scope_videos(client, unique_id, stop)
+        report(f"scope {unique_id or api.DEFAULT_SCOPE}: {len(videos)} videos listed")
+        on_disk = {
+            folder.path: [
+                (Path(path), info) for path, info in walk(folder, follow_symlinks=config.watch.follow_symlinks)
+            ]
+            for folder in folders
+        }
+        # A name proves a video's file only when no other file of the scope has that name and size.
+        stems = collections.Counter((path.stem, info.st_size) for files in on_disk.values() for path, info in files)
+        evidence = _Evidence(videos, known, stems)
+        for folder in folders:
+            _rebuild_folder(config, folder, on_disk[folder.path], evidence, ledger, dry_run=dry_run, found=found)
     return found
 
 
+class _Evidence:
+    """What a scope's videos can prove: identity tags of parsed videos, and the names of unparsed ones."""
+
+    def __init__(self, videos: list[ListedVideo], known: set[str], stems: collections.Counter[tuple[str, int]]) -> None:
+        self.by_tag = {tag: video for video in videos for tag in video.tags or () if tag.startswith("mi-")}
+        # A video the ledger already gave to a file is no other file's by name.
+        unknown = [video for video in videos if video.tags is None and video.video_no not in known]
+        self.unparsed = collections.Counter((video.name, video.size) for video in unknown)
+        self.named = {(video.name, video.size): video for video in unknown}
+        self.stems = stems
+
+    def by_identity(self, content: str) -> ListedVideo | None:
+        return self.by_tag.get(identity_tag(content))
+
+    def by_name(self, path: Path, size: int) -> ListedVideo | None:
+        key = (path.stem, size)
+        return self.named[key] if self.unparsed[key] == 1 and self.stems[key] == 1 else None
+
+
 def _rebuild_folder(
-    config: Config, folder: Folder, videos: list[ListedVideo], ledger: Ledger, *, dry_run: bool, found: Rebuilt
+    config: Config,
+    folder: Folder,
+    on_disk: list[tuple[Path, os.stat_result]],
+    evidence: _Evidence,
+    ledger: Ledger,
+    *,
+    dry_run: bool,
+    found: Rebuilt,
 ) -> None:
-    by_tag = {tag: video for video in videos for tag in video.tags or () if tag.startswith("mi-")}
-    unparsed = collections.Counter((video.name, video.size) for video in videos if video.tags is None)
-    named = {(video.name, video.size): video for video in videos if video.tags is None}
-    on_disk = [(Path(path), info) for path, info in walk(folder, follow_symlinks=config.watch.follow_symlinks)]
-    stems = collections.Counter((path.stem, info.st_size) for path, info in on_disk)
-    for path, info in on_disk:
+    for path, _ in on_disk:
         if probe.check_name(path) is not None:
             continue
         row = ledger.get(path)
@@ -95,15 +128,14 @@ def _rebuild_folder(
         except (OSError, NotRegular) as error:
             found.unreadable.append(f"{path}: {getattr(error, 'strerror', None) or error}")
             continue
-        video = by_tag.get(identity_tag(content))
-        note = "rebuilt from list_videos: it carries this file's identity tag"
-        key = (path.stem, info.st_size)
-        if video is None and unparsed[key] == 1 and stems[key] == 1:
-            video, note = named[key], "rebuilt from list_videos: the only video of its name and size, not yet parsed"
-            found.by_name += 1
-        elif video is not None:
+        video = evidence.by_identity(content)
+        if video is not None:
             found.matched += 1
-        if video is None:
+            note = "rebuilt from list_videos: it carries this file's identity tag"
+        elif (video := evidence.by_name(path, version.size)) is not None:
+            found.by_name += 1
+            note = "rebuilt from list_videos: the only video of its name and size, not yet parsed"
+        else:
             found.not_found += 1
             continue
         if not dry_run:

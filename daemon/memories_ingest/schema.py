@@ -130,6 +130,15 @@ def add_ctime_and_read_errors(db: Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN read_errors INTEGER NOT NULL DEFAULT 0")
 
 
+@migrations()
+def add_claimed_by(db: Database) -> None:
+    """Which process is uploading a row: a daemon starting up requeues only the rows of processes that died.
+
+    `upload` shares the ledger with the daemon, so an `uploading` row may well be another live process's.
+    """
+    db.execute("ALTER TABLE files ADD COLUMN claimed_by TEXT")
+
+
 _UNSET: dict[str, Any] = {"action_attempts": 0, "read_errors": 0}
 
 
@@ -173,6 +182,7 @@ class Row:
     action_at: float | None
     ctime_ns: int | None
     read_errors: int
+    claimed_by: str | None
 
     @property
     def version(self) -> Version:

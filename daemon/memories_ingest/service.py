@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -65,6 +66,41 @@ class Signals:
     def __init__(self) -> None:
         self.stops = 0
         self.reloads = 0
+
+
+def pause_for_another_ledger(ledger: Ledger, earlier: str) -> str:
+    """Pause every upload until a person decides: sending now would upload again what an earlier ledger knew."""
+    reason = (
+        f"{earlier}. Uploading now would send again every file that ledger knew. Run `memories-ingest rebuild` to "
+        "recover what was delivered from list_videos, or `memories-ingest resume` to upload everything anyway"
+    )
+    ledger.set_pause(Pause(reason=reason, since=time.time(), until=None, kind="ledger"))
+    return reason
+
+
+def stop_on_signals(*numbers: int) -> threading.Event:
+    """An event that is set when one of these signals arrives, for commands that run in the foreground.
+
+    The handlers themselves do nothing, so they take no lock: the interpreter writes each signal's number to a
+    wakeup pipe, and a thread of ours reads it and sets the event.
+    """
+    stop = threading.Event()
+    readable, writable = os.pipe()
+    os.set_blocking(writable, False)
+    signal.set_wakeup_fd(writable, warn_on_full_buffer=False)
+    for number in numbers:
+        signal.signal(number, _nothing)
+
+    def listen() -> None:
+        while os.read(readable, 64):
+            stop.set()
+
+    threading.Thread(target=listen, name="signals", daemon=True).start()
+    return stop
+
+
+def _nothing(signum: int, frame: object) -> None:
+    """A Python handler, so that the signal reaches the wakeup pipe instead of ending the process."""
 
 
 class Daemon:
@@ -200,18 +236,13 @@ class Daemon:
         self.ledger.update_setting(view.REJECTED_RELOAD_KEY, lambda _: (None, None))
         earlier = self.ledger.earlier_ledger()
         if earlier is not None and self.ledger.pause() is None:
-            reason = (
-                f"this ledger is new, but {earlier}: uploading now would send every file again. Run "
-                "`memories-ingest rebuild` to recover what was delivered from list_videos, or `memories-ingest "
-                "resume` to upload everything anyway"
-            )
-            self.ledger.set_pause(Pause(reason=reason, since=time.time(), until=None, kind="ledger"))
-            log.error("UPLOADS PAUSED: THE LEDGER IS NEW, BUT AN EARLIER ONE WAS HERE", reason=reason)
+            reason = pause_for_another_ledger(self.ledger, earlier)
+            log.error("UPLOADS PAUSED: THIS IS NOT THE LEDGER THAT WAS HERE BEFORE", reason=reason)
         pause = self.ledger.pause()
         if pause is not None and pause.cause in ("key", "permission") and pause.key_id != self.client.key_id:
             self.ledger.clear_pause()
             log.warning("a different API key: the pause its predecessor caused is lifted", was=pause.reason)
-        requeued = self.ledger.requeue_interrupted()
+        requeued = self.ledger.requeue_orphans()
         if requeued:
             log.warning("uploads interrupted by the last shutdown go back to the queue", rows=requeued)
         if self.watcher is not None:
@@ -299,6 +330,9 @@ class Daemon:
         if time.monotonic() >= self._next_status:
             self._next_status = time.monotonic() + view.PUBLISH_SECONDS
             self.publish()
+            requeued = self.ledger.requeue_orphans()
+            if requeued:
+                log.warning("uploads left by a process that died go back to the queue", rows=requeued)
             summary = self.status_summary()
             if summary is not None:
                 self.notifier.status(summary)

@@ -582,7 +582,8 @@ class UploadWorker(Worker):
             log.error("failed: the server refused the file", state="failed", reason=outcome.message, **context)
         elif outcome.kind == "duplicate":
             delay = self.policy.delay(row.attempts)
-            self.ledger.mark_uncertain(row.id, self.clock() + delay, f"{outcome.message}: {outcome.advice}")
+            why = f"{outcome.message}: {outcome.advice}"
+            self.ledger.mark_uncertain(row.id, self.clock() + delay, why, attempted=True)
             log.warning(
                 "the API refused a duplicate request; asking list_videos before sending again",
                 state="uncertain",
