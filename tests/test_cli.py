@@ -17,10 +17,11 @@ import pytest
 import yaml
 
 from memories_ingest.files import Version
-from memories_ingest.ledger import FAILED, UPLOADED, Ledger, Pause
+from memories_ingest.ledger import Ledger, Pause
 from memories_ingest.pacing import Pacer
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
+from memories_ingest.states import FAILED, UPLOADED
 
 from conftest import API_KEY, COMMAND, daemon_config, row_of, spawned, wait_until
 

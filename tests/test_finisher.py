@@ -16,8 +16,9 @@ import pytest
 from memories_ingest.config import Config, parse
 from memories_ingest.files import Version, fingerprint
 from memories_ingest.finisher import Finisher
-from memories_ingest.ledger import PENDING, UPLOADED, Ledger, Row
+from memories_ingest.ledger import Ledger, Row
 from memories_ingest.pacing import RetryPolicy
+from memories_ingest.states import PENDING, UPLOADED
 from memories_ingest.watcher import Recorder, Watcher
 
 from conftest import wait_until

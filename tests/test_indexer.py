@@ -15,9 +15,10 @@ from requests_toolbelt import MultipartEncoder
 
 from memories_ingest.files import Version
 from memories_ingest.indexer import CallbackListener, Indexer, callback_token, callback_url
-from memories_ingest.ledger import INDEX_FAILED, INDEXED, UPLOADED, Ledger, Row
+from memories_ingest.ledger import Ledger, Row
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import UPLOAD_PATH, Sandbox
+from memories_ingest.states import INDEX_FAILED, INDEXED, UPLOADED
 from memories_ingest.uploader import Client, ListedVideo
 from memories_ingest.worker import Worker
 

@@ -11,24 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from memories_ingest.custody import location_problem, process_alive, this_process
 from memories_ingest.files import Version
-from memories_ingest.ledger import (
-    FAILED,
-    GONE,
-    PENDING,
-    QUEUED,
-    REJECTED,
-    RETRYING,
-    UPLOADED,
-    UPLOADING,
-    Ledger,
-    LedgerError,
-    LedgerLocationError,
-    Pause,
-    location_problem,
-    process_alive,
-    this_process,
-)
+from memories_ingest.ledger import Ledger, LedgerError, LedgerLocationError, Pause
+from memories_ingest.states import FAILED, GONE, PENDING, QUEUED, REJECTED, RETRYING, UPLOADED, UPLOADING
 
 
 class Clock:
@@ -198,7 +184,8 @@ def test_rejected_rows_are_rechecked_only_when_the_file_changes(ledger: Ledger) 
 def test_retry_puts_failed_rows_back(ledger: Ledger) -> None:
     for name in ("a.mp4", "b.mp4"):
         seen(ledger, name)
-        row = ledger.get(FOLDER / name)
+        queue(ledger, name)
+        row = ledger.claim([FOLDER])
         assert row is not None
         ledger.mark_failed(row.id, "bad field")
     seen(ledger, "c.mp4")

@@ -16,18 +16,18 @@ import pytest
 
 from memories_ingest.config import Folder, parse
 from memories_ingest.files import Version
-from memories_ingest.ledger import UPLOADED, Ledger, Row
-from memories_ingest.probe import (
-    MediaInfo,
+from memories_ingest.ledger import Ledger, Row
+from memories_ingest.metadata import (
     camera_model_from_tags,
     camera_name,
     creation_time_from_tags,
     location_from_tags,
     parse_creation_time,
     parse_iso6709,
-    probe_path,
 )
+from memories_ingest.probe import MediaInfo, probe_path
 from memories_ingest.samples import write_video
+from memories_ingest.states import UPLOADED
 from memories_ingest.uploader import upload_fields
 
 from conftest import Pipeline

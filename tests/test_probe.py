@@ -18,15 +18,15 @@ import av
 import pytest
 
 from memories_ingest import probe, prober
+from memories_ingest.api import MAX_FILE_BYTES
+from memories_ingest.inspector import iter_top_level_boxes
+from memories_ingest.metadata import parse_creation_time
 from memories_ingest.probe import (
-    MAX_BYTES,
     MediaInfo,
     Rejection,
     check_header,
     check_name,
     content_type_for,
-    iter_top_level_boxes,
-    parse_creation_time,
     probe_fd,
     probe_path,
 )
@@ -42,9 +42,9 @@ PYTHON = sys.executable
 # group, on a file whose name has "hang" in it, and probe any other file for real.
 HANGING_ZYGOTE = """
 import os, subprocess, sys, time
-from memories_ingest import probe, prober
+from memories_ingest import inspector, prober
 
-probe_for_real = probe._probe_in_child
+probe_for_real = inspector._probe_in_child
 
 
 def hang_on_request(fd, *, require_audio):
@@ -54,7 +54,7 @@ def hang_on_request(fd, *, require_audio):
     return probe_for_real(fd, require_audio=require_audio)
 
 
-probe._probe_in_child = hang_on_request
+inspector._probe_in_child = hang_on_request
 sys.exit(prober.main(sys.argv[3:]))
 """
 
@@ -210,14 +210,14 @@ def test_rejects_over_3_gib_without_running_the_probe(make_video: MakeVideo, mon
     os.truncate(huge, int(3.2 * 1024**3))
     assert rejection_of(huge) == "file is 3.2 GiB, over the 3 GiB limit"
 
-    os.truncate(huge, MAX_BYTES + 1)
+    os.truncate(huge, MAX_FILE_BYTES + 1)
     assert rejection_of(huge) == "file is 3.0 GiB, over the 3 GiB limit"
 
 
 def test_accepts_a_faststart_file_padded_to_exactly_3_gib(make_video: MakeVideo) -> None:
-    padded = faststart_padding(make_video("big.mp4", faststart=True), MAX_BYTES)
+    padded = faststart_padding(make_video("big.mp4", faststart=True), MAX_FILE_BYTES)
 
-    assert padded.stat().st_size == MAX_BYTES
+    assert padded.stat().st_size == MAX_FILE_BYTES
     assert probe_path(padded).video_codec == "h264"
 
 

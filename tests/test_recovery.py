@@ -25,9 +25,10 @@ import requests
 import yaml
 from requests_toolbelt import MultipartEncoder
 
-from memories_ingest.ledger import UPLOADED, UPLOADING, Ledger
+from memories_ingest.ledger import Ledger
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import UPLOAD_PATH, Sandbox
+from memories_ingest.states import UPLOADED, UPLOADING
 
 from conftest import API_KEY, pause_of, read_ledger, spawned, wait_until
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from memories_ingest.ledger import QUEUED, UPLOADED, UPLOADING
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
+from memories_ingest.states import QUEUED, UPLOADED, UPLOADING
 
 from conftest import API_KEY, COMMAND, daemon_config, pause_of, row_of, run_cli, spawned, wait_until
 

@@ -21,9 +21,10 @@ import pytest
 
 from memories_ingest.api import DIALECTS
 from memories_ingest.files import identity_tag
-from memories_ingest.ledger import FAILED, REJECTED, RETRYING, UPLOADED, Row
+from memories_ingest.ledger import Row
 from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
+from memories_ingest.states import FAILED, REJECTED, RETRYING, UPLOADED
 
 from conftest import API_KEY, Pipeline, RawServer, daemon_config, read_request_head, row_of, spawned, wait_until
 

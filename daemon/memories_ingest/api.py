@@ -27,7 +27,13 @@ MAX_FILE_BYTES = 3 * 1024**3
 MAX_TAGS = 20
 MAX_CAMERA_MODEL = 200
 MAX_CALLBACK = 299
-VIDEO_EXTENSIONS = (".avi", ".mkv", ".mov", ".mp4")
+CONTENT_TYPES = {
+    ".avi": "video/x-msvideo",
+    ".mkv": "video/x-matroska",
+    ".mov": "video/quicktime",
+    ".mp4": "video/mp4",
+}
+VIDEO_EXTENSIONS = tuple(CONTENT_TYPES)
 LIST_RATE_PER_SECOND = 5.0
 LIST_PAGE_SIZE = 100
 # list_videos takes at most this many videoNos in one `video_nos` filter.

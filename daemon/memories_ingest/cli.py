@@ -36,28 +36,12 @@ from .config import (
     redact,
 )
 from .indexer import ListenFailed
-from .ledger import (
-    DELIVERED,
-    FAILED,
-    GONE,
-    PENDING,
-    REJECTED,
-    RETRYABLE,
-    RETRYING,
-    STATES,
-    UPLOADED,
-    Ledger,
-    LedgerError,
-    LedgerHeld,
-    LedgerLocationError,
-    LedgerLock,
-    Row,
-    location_problem,
-)
+from .ledger import Ledger, LedgerError, LedgerHeld, LedgerLocationError, LedgerLock, Row, location_problem
 from .monitor import Metrics
 from .pacing import Access, Gate, Pacer
 from .recovery import rebuild
 from .service import Daemon, Exit, Signals, pause_for_another_ledger, stop_on_signals
+from .states import DELIVERED, FAILED, GONE, PENDING, REJECTED, RETRYABLE, RETRYING, STATES, UPLOADED
 from .uploader import Client, ListFailed
 from .view import printable
 from .watcher import Recorder

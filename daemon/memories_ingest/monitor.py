@@ -28,8 +28,9 @@ from werkzeug.wrappers import Request, Response
 from . import view
 from .api import Outcome
 from .config import Config
-from .ledger import QUEUED, RETRYING, Ledger, Row
+from .ledger import Ledger, Row
 from .pacing import Pace
+from .states import QUEUED, RETRYING
 from .view import printable
 
 if TYPE_CHECKING:

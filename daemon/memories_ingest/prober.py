@@ -3,7 +3,8 @@
 Starting an interpreter and importing PyAV costs some 100 ms of CPU per file, several times that on a
 NAS's ARM CPU. The zygote (``python -m memories_ingest.prober``) pays it once. For each request it forks
 a child that starts its own session, takes the probe's resource limits and writes the same answer as
-``python -m memories_ingest.probe --fd N``. The zygote itself never opens a file, and it is
+``python -m memories_ingest.inspector --fd N``, which is also what runs when the zygote cannot be had.
+The zygote itself never opens a file, and it is
 single-threaded, so forking it is safe where forking the daemon is not.
 
 A request is one SOCK_SEQPACKET message on the control socket: the options as JSON and, by SCM_RIGHTS,
@@ -30,10 +31,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from . import probe
-from .probe import MediaInfo
+from .inspector import MediaInfo, Rejection, answer_on_stdout, read_answer
 
 # How long a zygote has to confirm that a child is dead, or to stop, before the daemon kills it.
 _GRACE_SECONDS = 5.0
@@ -115,7 +116,7 @@ class _Zygote:
                     pass_fds=(theirs.fileno(),),
                     # `-m` puts the working directory first on sys.path: not a folder where files arrive.
                     cwd="/",
-                    env=probe.probe_environment(),
+                    env=probe_environment(),
                     # Out of the terminal's process group: the daemon stops it, by closing the control socket.
                     start_new_session=True,
                 )
@@ -172,7 +173,7 @@ class _Zygote:
                 events = selector.select(deadline - time.monotonic())
                 if not events:
                     self._give_up(reply, pid, returncode)
-                    raise probe.timed_out(timeout)
+                    raise timed_out(timeout)
                 for key, _ in events:
                     if key.fd in output:
                         chunk = os.read(key.fd, _OUTPUT_CHUNK_BYTES)
@@ -192,7 +193,7 @@ class _Zygote:
                     if returncode is not None:
                         selector.unregister(reply)
         assert returncode is not None
-        return probe.read_answer(returncode, bytes(output[stdout]), bytes(output[stderr]), cpu_seconds)
+        return read_answer(returncode, bytes(output[stdout]), bytes(output[stderr]), cpu_seconds)
 
     def _give_up(self, reply: socket.socket, pid: int | None, returncode: int | None) -> None:
         """Past the deadline: have the child killed, and find out whether the zygote is still fit to use."""
@@ -228,14 +229,80 @@ def _kill_group(pid: int) -> None:
             kill(pid, signal.SIGKILL)
 
 
+# What a probe process may see of the daemon's environment: enough to run Python, and nothing else. Not the
+# API key's variable, not $CREDENTIALS_DIRECTORY, not NOTIFY_SOCKET: a hostile file is parsed in there.
+_ENVIRONMENT_KEPT = frozenset(
+    {
+        "PATH",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSAFEPATH",
+        "PYTHONDONTWRITEBYTECODE",
+    }
+)
+
+
+def probe_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment for the probe's processes: an allow-list of the daemon's."""
+    return {name: value for name, value in environ.items() if name in _ENVIRONMENT_KEPT or name.startswith("LC_")}
+
+
+def _probe_in_new_interpreter(
+    fd: int, *, require_audio: bool, timeout: float, cpu_seconds: int, memory_bytes: int
+) -> MediaInfo:
+    command = [sys.executable, "-m", "memories_ingest.inspector", "--fd", str(fd)]
+    command += ["--cpu-seconds", str(cpu_seconds), "--memory-bytes", str(memory_bytes)]
+    if require_audio:
+        command.append("--require-audio")
+    with subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(fd,),
+        # `-m` puts the working directory first on the child's sys.path; it must not be a
+        # folder where files arrive that could pass for modules.
+        cwd="/",
+        env=probe_environment(),
+        start_new_session=True,
+    ) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_process_group(child)
+            raise timed_out(timeout) from None
+        except BaseException:
+            _kill_process_group(child)
+            raise
+    return read_answer(child.returncode, stdout, stderr, cpu_seconds)
+
+
+def timed_out(timeout: float) -> Rejection:
+    return Rejection(f"probe timed out after {timeout:g} s")
+
+
+def _kill_process_group(child: subprocess.Popen[bytes]) -> None:
+    _kill_group(child.pid)
+    child.communicate()
+
+
 _shared = Prober()
 
 
 def probe_fd(fd: int, *, require_audio: bool, timeout: float, cpu_seconds: int, memory_bytes: int) -> MediaInfo:
-    """Probe ``fd`` in a child of the daemon's zygote; see :meth:`Prober.probe`."""
-    return _shared.probe(
-        fd, require_audio=require_audio, timeout=timeout, cpu_seconds=cpu_seconds, memory_bytes=memory_bytes
-    )
+    """Probe ``fd`` in a child of the daemon's zygote (see :meth:`Prober.probe`), or in a new interpreter."""
+    try:
+        return _shared.probe(
+            fd, require_audio=require_audio, timeout=timeout, cpu_seconds=cpu_seconds, memory_bytes=memory_bytes
+        )
+    except ProberUnavailable:
+        return _probe_in_new_interpreter(
+            fd, require_audio=require_audio, timeout=timeout, cpu_seconds=cpu_seconds, memory_bytes=memory_bytes
+        )
 
 
 def start() -> None:
@@ -364,7 +431,7 @@ def _run_child(file: int, stdout: int, stderr: int, options: dict[str, Any]) -> 
         os.dup2(file, _CHILD_FILE_FD)
         # Hostile input must find nothing of the zygote's open: not the control socket, nor other requests.
         os.closerange(_CHILD_FILE_FD + 1, max(map(int, os.listdir("/proc/self/fd"))) + 1)
-        probe.answer_on_stdout(
+        answer_on_stdout(
             _CHILD_FILE_FD,
             require_audio=options["require_audio"],
             cpu_seconds=options["cpu_seconds"],

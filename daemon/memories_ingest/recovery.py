@@ -20,7 +20,8 @@ import structlog
 from . import api, probe
 from .config import Config, Folder
 from .files import NotRegular, Version, fingerprint, identity_tag, open_beneath
-from .ledger import DELIVERED, Ledger
+from .ledger import Ledger
+from .states import DELIVERED
 from .uploader import Client, ListedVideo
 from .watcher import walk
 

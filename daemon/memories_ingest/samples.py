@@ -14,7 +14,7 @@ from pathlib import Path
 
 import av
 
-from memories_ingest.probe import iter_top_level_boxes
+from memories_ingest.inspector import iter_top_level_boxes
 
 ENCODERS = {"h264": "libx264", "hevc": "libx265", "vp9": "libvpx-vp9", "mpeg4": "mpeg4"}
 MUXERS_BY_EXTENSION = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi"}

@@ -1,4 +1,4 @@
-"""What the ledger stores: the states a file passes through, the table layout and its migrations, and a row.
+"""What the ledger stores: the table layout and its migrations, and a row.
 
 Paths are stored as raw bytes (``os.fsencode``), so a file name that is not UTF-8 is kept exactly.
 """
@@ -16,21 +16,6 @@ from sqlite_utils import Database, Migrations
 
 from .files import Version
 
-PENDING = "pending"
-QUEUED = "queued"
-UPLOADING = "uploading"
-RETRYING = "retrying"
-UNCERTAIN = "uncertain"
-UPLOADED = "uploaded"
-INDEXED = "indexed"
-INDEX_FAILED = "index_failed"
-REJECTED = "rejected"
-FAILED = "failed"
-GONE = "gone"
-STATES = (PENDING, QUEUED, UPLOADING, RETRYING, UNCERTAIN, UPLOADED, INDEXED, INDEX_FAILED, REJECTED, FAILED, GONE)
-# Claimable for an upload once next_attempt_at has come: an uncertain row is first checked with list_videos.
-DUE = (QUEUED, RETRYING, UNCERTAIN)
-DELIVERED = (UPLOADED, INDEXED, INDEX_FAILED)
 BUSY_TIMEOUT_MS = 15_000
 
 migrations = Migrations("memories_ingest")

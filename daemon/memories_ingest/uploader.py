@@ -27,6 +27,7 @@ from . import api
 from .api import Outcome, classify
 from .config import Folder, keep_secret, key_fingerprint
 from .files import Version, identity_tag
+from .inspector import MediaInfo
 from .ledger import Row
 from .pacing import RateLimiter
 
@@ -411,8 +412,6 @@ def upload_fields(folder: Folder, row: Row, callback_url: str | None = None) -> 
 
     callback_url is the daemon's own listener, for folders that name no callback of their own.
     """
-    from .probe import MediaInfo
-
     from_file = MediaInfo.from_json(row.media) if row.media else None
     file_camera = from_file.camera_model if from_file else None
     file_place = (from_file.latitude, from_file.longitude) if from_file else (None, None)

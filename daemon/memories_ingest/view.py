@@ -14,20 +14,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .ledger import (
-    DELIVERED,
-    FAILED,
-    INDEX_FAILED,
-    PENDING,
-    QUEUED,
-    REJECTED,
-    RETRYING,
-    UNCERTAIN,
-    Ledger,
-    LedgerLock,
-    Row,
-)
+from .ledger import Ledger, LedgerLock, Row
 from .pacing import Pace
+from .states import DELIVERED, FAILED, INDEX_FAILED, PENDING, QUEUED, REJECTED, RETRYING, UNCERTAIN
 
 # What the daemon publishes for `status`, and how often; a heartbeat older than a few of these is a stalled daemon.
 DAEMON_KEY = "daemon"

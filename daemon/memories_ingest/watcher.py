@@ -34,7 +34,8 @@ from watchdog.observers.polling import PollingEmitter
 from .api import VIDEO_EXTENSIONS
 from .config import Config, Folder
 from .files import Version
-from .ledger import GONE, PENDING, QUEUED, RETRYING, Ledger
+from .ledger import Ledger
+from .states import GONE, PENDING, QUEUED, RETRYING
 
 log = structlog.get_logger()
 
