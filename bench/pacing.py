@@ -33,7 +33,6 @@ if not __package__:
 
 from bench.report import Row, met, ratio, say, seconds
 from bench.rig import KEY, Context
-
 from memories_ingest.samples import write_video
 
 # The rate of the README's proof: 1,000 uploads at 1/s take 17 minutes, so run.py runs this section only by name.

@@ -22,7 +22,7 @@ from memories_ingest.ledger import Ledger, LedgerError, Pause, Row
 from memories_ingest.pacing import RetryPolicy
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
-from memories_ingest.service import Daemon
+from memories_ingest.service import Daemon, Signals
 from memories_ingest.uploader import Client
 
 
@@ -66,6 +66,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+# A mountinfo with what parsing must get right: an escaped path, stacked mounts, network filesystems, a bad line.
+SAMPLE_MOUNTINFO = rb"""22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+35 22 0:40 / /mnt/nas rw,relatime shared:20 - nfs4 nas:/export/cams rw,vers=4.2
+36 35 0:41 / /mnt/nas/local\040copy rw - tmpfs tmpfs rw
+37 22 0:42 / /srv/share rw,nosuid shared:5 master:2 - cifs //box/share rw
+38 22 0:43 / /media/cloud rw - fuse.rclone remote: rw
+39 22 0:44 / /mnt/stack rw - ext4 /dev/sdb1 rw
+40 39 0:45 / /mnt/stack rw - smb3 //nas/stack rw
+a line the kernel never writes
+"""
+
+
 class Pipeline:
     """A daemon running in this process against the sandbox, on folders under tmp_path."""
 
@@ -86,6 +98,7 @@ class Pipeline:
             self.client,
             once=once,
             grace_seconds=2,
+            signals=Signals(),
             policy=FAST_RETRIES,
         )
         daemon = self.daemon

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,14 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 
 def finisher_for(config: Config, ledger: Ledger) -> Finisher:
-    return Finisher(threading.Event(), config, ledger, threading.Event(), FAST_RETRIES)
+    return Finisher(
+        stop=threading.Event(),
+        config=config,
+        ledger=ledger,
+        wake=threading.Event(),
+        policy=FAST_RETRIES,
+        clock=time.time,
+    )
 
 
 def test_delete_waits_for_the_video_no(tmp_path: Path, ledger: Ledger) -> None:

@@ -107,7 +107,7 @@ def end_thread(daemon: Daemon, name: str) -> None:
     worker.stop = threading.Event()
     worker.stop.set()
     if name == "settler":
-        daemon.wake.set()
+        daemon.events.wake.set()
     thread = next(t for t in daemon.threads if t.name == name)
     thread.join(timeout=10)
     assert not thread.is_alive()

@@ -191,14 +191,23 @@ def test_same_size_files_stay_uncertain_until_their_tags_tell_them_apart(tmp_pat
         daemon = start(config)
         try:
             wait_until(lambda: len(doubts(tmp_path)) == 2, 90, "both files to be in doubt after asking list_videos")
-            status = subprocess.run(
-                [*COMMAND[:-1], "status", "-c", str(config)], capture_output=True, text=True, check=True
-            ).stdout
+            # Each doubt is asked about again every few seconds, and is `uploading` while it is: wait for a moment
+            # when neither is.
+            status = wait_until(
+                lambda: next((shown for shown in [status_of(config)] if "uncertain: 2" in shown), None),
+                60,
+                "status to show both files uncertain",
+            )
         finally:
             kill(daemon)
         assert len(never_parses.received()) == 1, "nothing is sent again while it may have landed"
     assert "uncertain: 2" in status
     assert "video(s) of its size are not parsed yet, and only their tags can tell" in status
+
+
+def status_of(config: Path) -> str:
+    command = [*COMMAND[:-1], "status", "-c", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
 def doubts(tmp_path: Path) -> list[str]:

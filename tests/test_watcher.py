@@ -16,25 +16,22 @@ import pytest
 from structlog.testing import capture_logs
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 
-import memories_ingest.watcher as watcher_module
+import memories_ingest.mounts as mounts_module
 from memories_ingest.config import Folder, parse
 from memories_ingest.ledger import Ledger
+from memories_ingest.mounts import read_mountinfo
+from memories_ingest.scanner import Scanner
 from memories_ingest.watcher import (
     INOTIFY,
-    NETWORK_FILESYSTEMS,
     POLLING,
     Recorder,
     Watch,
     Watcher,
-    mount_for,
-    parse_mountinfo,
-    read_mountinfo,
     walk,
     watch_mode,
 )
-from memories_ingest.worker import Scanner
 
-from conftest import wait_until
+from conftest import SAMPLE_MOUNTINFO, wait_until
 
 FAST_POLL = 0.3
 
@@ -64,7 +61,7 @@ class Harness:
         self.requests: list[Path | None] = []
         self.stop = threading.Event()
         self.watcher = watcher_class(self.config, self.recorder, self.request, poll_seconds=FAST_POLL)
-        self.scanner = Scanner(self.stop, self.config, self.recorder, self.watcher)
+        self.scanner = Scanner(stop=self.stop, config=self.config, recorder=self.recorder, watcher=self.watcher)
         self.thread = threading.Thread(target=self.scanner.run, name="scanner-under-test", daemon=True)
 
     def request(self, path: Path | None) -> None:
@@ -290,35 +287,6 @@ def test_a_watch_refused_on_a_subdirectory_moves_the_folder_to_polling(harness: 
     run.wait_recorded(polled)
 
 
-SAMPLE_MOUNTINFO = rb"""22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
-35 22 0:40 / /mnt/nas rw,relatime shared:20 - nfs4 nas:/export/cams rw,vers=4.2
-36 35 0:41 / /mnt/nas/local\040copy rw - tmpfs tmpfs rw
-37 22 0:42 / /srv/share rw,nosuid shared:5 master:2 - cifs //box/share rw
-38 22 0:43 / /media/cloud rw - fuse.rclone remote: rw
-39 22 0:44 / /mnt/stack rw - ext4 /dev/sdb1 rw
-40 39 0:45 / /mnt/stack rw - smb3 //nas/stack rw
-a line the kernel never writes
-"""
-
-
-def test_the_mountinfo_parser_finds_the_mount_of_a_path() -> None:
-    mounts = parse_mountinfo(SAMPLE_MOUNTINFO)
-    assert len(mounts) == 7
-
-    def fstype(path: str) -> str | None:
-        mount = mount_for(Path(path), mounts)
-        return mount.fstype if mount else None
-
-    assert fstype("/mnt/nas/cams/front") == "nfs4"
-    assert fstype("/mnt/nas/local copy/clips") == "tmpfs"
-    assert fstype("/mnt/nassy") == "ext4"
-    assert fstype("/srv/share") == "cifs"
-    assert fstype("/media/cloud/a/b") == "fuse.rclone"
-    assert fstype("/mnt/stack/x") == "smb3"
-    assert fstype("/home/user") == "ext4"
-    assert mount_for(Path("/mnt/nas/cams"), mounts) == (Path("/mnt/nas"), "nfs4", "nas:/export/cams")
-
-
 def test_the_watch_mode_follows_the_setting_and_the_filesystem() -> None:
     nas = Path("/mnt/nas/cams")
     mode, reason = watch_mode(nas, "auto", SAMPLE_MOUNTINFO)
@@ -330,9 +298,7 @@ def test_the_watch_mode_follows_the_setting_and_the_filesystem() -> None:
     assert watch_mode(nas, "auto", b"")[0] == INOTIFY
 
 
-def test_a_local_folder_is_not_a_network_filesystem(tmp_path: Path) -> None:
-    mount = mount_for(tmp_path.resolve(), parse_mountinfo(read_mountinfo()))
-    assert mount is not None and mount.fstype not in NETWORK_FILESYSTEMS
+def test_a_local_folder_is_watched_by_inotify(tmp_path: Path) -> None:
     assert watch_mode(tmp_path.resolve(), "auto", read_mountinfo())[0] == INOTIFY
 
 
@@ -346,7 +312,7 @@ def test_a_folder_on_a_network_filesystem_is_polled(
         + os.fsencode(tmp_path.resolve())
         + b" rw - nfs4 nas:/export rw\n"
     )
-    monkeypatch.setattr(watcher_module, "MOUNTINFO", mountinfo)
+    monkeypatch.setattr(mounts_module, "MOUNTINFO", mountinfo)
     run = harness()
     with capture_logs() as logs:
         run.start()

@@ -32,6 +32,7 @@ MOVE = "move"
 IDLE_SECONDS = 1.0
 ACTION_RETRY_POLICY = RetryPolicy()
 COPY_BLOCK = 1 << 26
+COPY_SECONDS = 3600.0
 # Where a hard link cannot be made the file is copied: another filesystem, or one without hard links.
 CANNOT_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 # A path that is no longer there, or that now goes through a symlink: the uploaded file is not where it was.
@@ -52,6 +53,7 @@ class Finisher(Worker):
 
     def __init__(
         self,
+        *,
         stop: threading.Event,
         config: Config,
         ledger: Ledger,
@@ -65,6 +67,11 @@ class Finisher(Worker):
         self.wake = wake
         self.policy = policy
         self.clock = clock
+
+    @property
+    def quiet_seconds(self) -> float:
+        """A move to another filesystem copies up to 3 GiB in one loop, perhaps to a slow disk."""
+        return COPY_SECONDS
 
     def loop(self) -> None:
         self.wake.clear()

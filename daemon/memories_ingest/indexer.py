@@ -87,6 +87,11 @@ class Indexer(Worker):
         self._lock = threading.Lock()
         self._statuses_seen: set[tuple[str, str]] = set()
 
+    @property
+    def quiet_seconds(self) -> float:
+        """One list_videos call and its wait for a turn: each call is a sign of life, however many a poll makes."""
+        return IDLE_SECONDS + 1 / self.client.list_limiter.rate + sum(self.client.timeout)
+
     def hint(self, video_no: str) -> None:
         """A callback named this video: ask list_videos about it soon. Safe from any thread."""
         with self._lock:
@@ -180,6 +185,11 @@ class CallbackListener(Worker):
         except OSError as error:
             raise ListenFailed(f"cannot listen for callbacks on {listen}: {error.strerror or error}") from None
         log.info("listening for indexing callbacks", url=self.url)
+
+    @property
+    def quiet_seconds(self) -> float:
+        """Between two requests, one wait for a connection."""
+        return ACCEPT_WAIT_SECONDS
 
     @property
     def url(self) -> str:

@@ -447,6 +447,27 @@ def render_page(
     document: Mapping[str, Any], uploads: Sequence[Row], problems: Sequence[str], config: Config, now: float
 ) -> str:
     """The status page: Ledger.status() and the recent uploads, every value escaped."""
+    sections = [
+        *_overview(document, problems, now),
+        *_uploading(document, now),
+        *_recent_uploads(uploads, now),
+        *_rejected_and_notices(document, now),
+        *_watched_folders(document, config),
+    ]
+    return (
+        "<!doctype html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="refresh" content="{PAGE_REFRESH_SECONDS}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>memories-ingest</title><style>{STYLE}</style></head><body>"
+        f'<h1>memories-ingest</h1><p class="quiet">{_e(config.source)} &middot; as of {_when(now, now)}</p>'
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+
+
+def _overview(document: Mapping[str, Any], problems: Sequence[str], now: float) -> list[str]:
+    """The counts per state, the health, and whatever holds the daemon back: a rejected config, a pause, a pace."""
     if problems:
         health = '<ul class="problems">' + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>"
     else:
@@ -474,6 +495,10 @@ def render_page(
     pace = view.describe_pace(document)
     if pace is not None:
         sections.append(f"<p>Upload pace: {_e(pace)}.</p>")
+    return sections
+
+
+def _uploading(document: Mapping[str, Any], now: float) -> list[str]:
     in_flight = [
         (
             _e(upload["path"]),
@@ -485,28 +510,26 @@ def render_page(
         )
         for upload in document["uploading"]
     ]
-    sections.append("<h2>Uploading</h2>")
-    sections.append(_table(("file", "attempt", "progress", "sent", "speed", "ETA"), in_flight, "nothing right now"))
+    sections = [
+        "<h2>Uploading</h2>",
+        _table(("file", "attempt", "progress", "sent", "speed", "ETA"), in_flight, "nothing right now"),
+    ]
     retry = document["next_retry"]
     if retry:
         sections.append(f"<p>Next retry: {_e(retry['path'])} at {_when(retry['at'], now)} ({_e(retry['error'])})</p>")
-    sections.append("<h2>Recent uploads</h2>")
-    sections.append(
-        _table(
-            ("when", "file", "scope", "size", "videoNo"),
-            (
-                (
-                    _when(row.uploaded_at, now),
-                    _e(row.path),
-                    _e(row.unique_id or "-"),
-                    view.size(row.size),
-                    _e(row.video_no),
-                )
-                for row in uploads
-            ),
-            "none yet",
-        )
+    return sections
+
+
+def _recent_uploads(uploads: Sequence[Row], now: float) -> list[str]:
+    rows = (
+        (_when(row.uploaded_at, now), _e(row.path), _e(row.unique_id or "-"), view.size(row.size), _e(row.video_no))
+        for row in uploads
     )
+    return ["<h2>Recent uploads</h2>", _table(("when", "file", "scope", "size", "videoNo"), rows, "none yet")]
+
+
+def _rejected_and_notices(document: Mapping[str, Any], now: float) -> list[str]:
+    sections = []
     for heading, noted in (("Rejected or failed", document["problems"]), ("Notices", document["notices"])):
         sections.append(f"<h2>{heading}</h2>")
         sections.append(
@@ -516,31 +539,19 @@ def render_page(
                 "none",
             )
         )
-    sections.append("<h2>Watched folders</h2>")
+    return sections
+
+
+def _watched_folders(document: Mapping[str, Any], config: Config) -> list[str]:
     modes = {folder["path"]: folder for folder in document["folders"]}
-    sections.append(
-        _table(
-            ("folder", "scope", "recursive", "tags", "watched by"),
-            (
-                (
-                    _e(f.path),
-                    _e(f.unique_id or "-"),
-                    "yes" if f.recursive else "no",
-                    _e(", ".join(f.tags)),
-                    _e(f"{modes[str(f.path)]['mode']}: {modes[str(f.path)]['why']}" if str(f.path) in modes else "-"),
-                )
-                for f in config.folders
-            ),
-            "none",
+    rows = (
+        (
+            _e(f.path),
+            _e(f.unique_id or "-"),
+            "yes" if f.recursive else "no",
+            _e(", ".join(f.tags)),
+            _e(f"{modes[str(f.path)]['mode']}: {modes[str(f.path)]['why']}" if str(f.path) in modes else "-"),
         )
+        for f in config.folders
     )
-    return (
-        "<!doctype html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="refresh" content="{PAGE_REFRESH_SECONDS}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>memories-ingest</title><style>{STYLE}</style></head><body>"
-        f'<h1>memories-ingest</h1><p class="quiet">{_e(config.source)} &middot; as of {_when(now, now)}</p>'
-        + "".join(sections)
-        + "</body></html>\n"
-    )
+    return ["<h2>Watched folders</h2>", _table(("folder", "scope", "recursive", "tags", "watched by"), rows, "none")]

@@ -54,10 +54,7 @@ def write_video(
     to keep only the tags with a classic QuickTime atom (location, make, model), as most cameras write them.
     """
     target = Path(path)
-    named_muxers = [MUXERS_BY_EXTENSION.get(suffix.lower()) for suffix in reversed(target.suffixes)]
-    muxer = container or next(filter(None, named_muxers), None)
-    if muxer is None:
-        raise ValueError(f"cannot tell the container of {target.name}; pass container=")
+    muxer = container or _muxer_named_by(target)
     if codec not in ENCODERS:
         raise ValueError(f"codec {codec!r} is not one of {', '.join(ENCODERS)}")
     width, height = size
@@ -66,16 +63,7 @@ def write_video(
     if faststart and muxer not in _ISO_BMFF_MUXERS:
         raise ValueError(f"faststart needs an mp4 or mov container, not {muxer}")
 
-    options = {}
-    if muxer in _ISO_BMFF_MUXERS:
-        # Without use_metadata_tags the mp4 muxer drops keys it has no atom for (make, model...).
-        flags = ["faststart"] if faststart else []
-        if metadata:
-            flags.append("use_metadata_tags")
-        if flags:
-            options["movflags"] = "+".join(flags)
-    options.update(muxer_options or {})
-
+    options = {**_default_muxer_options(muxer, faststart=faststart, tagged=bool(metadata)), **(muxer_options or {})}
     encoder = ENCODERS[codec]
     with av.open(target, "w", format=muxer, options=options) as output:
         output.metadata.update(metadata or {})
@@ -93,19 +81,40 @@ def write_video(
         output.mux(video.encode(None))
 
         if sound is not None:
-            sample_format = sound.codec_context.format.name
-            samples_per_frame = 1024
-            total_samples = round(frame_count / fps * _AUDIO_SAMPLE_RATE)
-            for start in range(0, total_samples, samples_per_frame):
-                silence = av.AudioFrame(format=sample_format, layout="mono", samples=samples_per_frame)
-                silence.sample_rate = _AUDIO_SAMPLE_RATE
-                silence.pts = start
-                silence.time_base = Fraction(1, _AUDIO_SAMPLE_RATE)
-                for plane in silence.planes:
-                    plane.update(bytes(plane.buffer_size))
-                output.mux(sound.encode(silence))
-            output.mux(sound.encode(None))
+            _mux_silence(output, sound, round(frame_count / fps * _AUDIO_SAMPLE_RATE))
     return target
+
+
+def _muxer_named_by(target: Path) -> str:
+    named_muxers = [MUXERS_BY_EXTENSION.get(suffix.lower()) for suffix in reversed(target.suffixes)]
+    muxer = next(filter(None, named_muxers), None)
+    if muxer is None:
+        raise ValueError(f"cannot tell the container of {target.name}; pass container=")
+    return muxer
+
+
+def _default_muxer_options(muxer: str, *, faststart: bool, tagged: bool) -> dict[str, str]:
+    if muxer not in _ISO_BMFF_MUXERS:
+        return {}
+    # Without use_metadata_tags the mp4 muxer drops keys it has no atom for (make, model...).
+    flags = ["faststart"] if faststart else []
+    if tagged:
+        flags.append("use_metadata_tags")
+    return {"movflags": "+".join(flags)} if flags else {}
+
+
+def _mux_silence(output: av.container.OutputContainer, sound: av.AudioStream, total_samples: int) -> None:
+    sample_format = sound.codec_context.format.name
+    samples_per_frame = 1024
+    for start in range(0, total_samples, samples_per_frame):
+        silence = av.AudioFrame(format=sample_format, layout="mono", samples=samples_per_frame)
+        silence.sample_rate = _AUDIO_SAMPLE_RATE
+        silence.pts = start
+        silence.time_base = Fraction(1, _AUDIO_SAMPLE_RATE)
+        for plane in silence.planes:
+            plane.update(bytes(plane.buffer_size))
+        output.mux(sound.encode(silence))
+    output.mux(sound.encode(None))
 
 
 def _solid_frame(width: int, height: int, index: int, fps: int) -> av.VideoFrame:

@@ -15,14 +15,12 @@ import structlog
 
 from . import prober, view
 from .config import Config, ConfigError
-from .finisher import Finisher
-from .indexer import ACCEPT_WAIT_SECONDS, IDLE_SECONDS, CallbackListener, Indexer, callback_token, callback_url
 from .ledger import Ledger, LedgerError, Pause
-from .monitor import Metrics, MonitorServer, Notifier
-from .pacing import Gate, Pacer, RetryPolicy
+from .monitor import MonitorServer, Notifier
+from .pacing import RetryPolicy
+from .pipeline import build
 from .uploader import Client
-from .watcher import Recorder, Watcher
-from .worker import FILE_RETRY_POLICY, Scanner, Settler, UploadWorker, Worker
+from .worker import FILE_RETRY_POLICY, Events, UploadWorker, Worker
 
 log = structlog.get_logger()
 
@@ -51,8 +49,6 @@ class Exit(enum.IntEnum):
 # How long a worker may show no sign of life beyond the longest wait its config allows: room for a slow disk,
 # a ledger busy in another process, a loaded host.
 STALL_MARGIN_SECONDS = 120.0
-# A full scan of a very large tree on a slow network share; a scan that takes longer is a hung mount.
-SCAN_SECONDS = 3600.0
 # The main loop runs five times a second; this long without it, supervision and the watchdog have stopped.
 MAIN_LOOP_SECONDS = 60.0
 
@@ -116,96 +112,36 @@ class Daemon:
         ledger: Ledger,
         client: Client,
         *,
-        once: bool = False,
-        grace_seconds: float = 20.0,
+        once: bool,
+        grace_seconds: float,
+        signals: Signals,
+        loader: Callable[[], Config] | None = None,
         policy: RetryPolicy = FILE_RETRY_POLICY,
         clock: Callable[[], float] = time.time,
-        loader: Callable[[], Config] | None = None,
-        signals: Signals | None = None,
     ) -> None:
         self.config = config
         self.loader = loader
-        self.signals = signals or Signals()
-        self._reloads_seen = self.signals.reloads
+        self.signals = signals
+        self._reloads_seen = signals.reloads
         self.reloaded: Config | None = None
         self.ledger = ledger
         self.client = client
         self.once = once
         self.grace_seconds = grace_seconds
-        self.stop = threading.Event()
-        self.abandon = threading.Event()
-        self.wake = threading.Event()
-        self.uploads_ready = threading.Event()
-        self.actions_ready = threading.Event()
-        self.gate = Gate(
-            ledger, account_check_seconds=config.upload.account_check_seconds, key_id=client.key_id, clock=clock
+        self.events = Events.create(stop=threading.Event(), abandon=threading.Event())
+        self.pipeline = build(
+            config, ledger, client, events=self.events, policy=policy, clock=clock, watch=not once, index=True
         )
-        self.pacer = Pacer(ledger, config.upload.rate_per_second)
-        self.recorder = Recorder(config, ledger, self.wake)
-        self.watcher = None if once else Watcher(config, self.recorder, lambda path: self.scanner.request(path))
-        self.scanner = Scanner(self.stop, config, self.recorder, self.watcher)
-        self.settler = Settler(
-            self.stop, config, ledger, self.wake, self.uploads_ready, clock, actions_ready=self.actions_ready
-        )
-        self.metrics = Metrics()
-        public_url = config.indexing.public_url
-        self.callback_url = callback_url(public_url, callback_token(ledger)) if public_url else None
-        self.uploaders = [
-            UploadWorker(
-                stop=self.stop,
-                number=n,
-                config=config,
-                ledger=ledger,
-                client=client,
-                pacer=self.pacer,
-                gate=self.gate,
-                uploads_ready=self.uploads_ready,
-                actions_ready=self.actions_ready,
-                abandon=self.abandon,
-                metrics=self.metrics,
-                callback_url=self.callback_url,
-                policy=policy,
-                clock=clock,
-            )
-            for n in range(1, config.upload.workers + 1)
-        ]
-        self.finisher = Finisher(self.stop, config, ledger, self.actions_ready, clock=clock)
-        poll_seconds, listen = config.indexing.poll_seconds, config.indexing.listen
-        self.indexer = (
-            Indexer(stop=self.stop, ledger=ledger, client=client, poll_seconds=poll_seconds)
-            if poll_seconds or listen
-            else None
-        )
-        self.callbacks = (
-            CallbackListener(
-                stop=self.stop, ledger=ledger, indexer=self.indexer, listen=listen, token=callback_token(ledger)
-            )
-            if listen and self.indexer is not None
-            else None
-        )
-        self.workers: list[Worker] = [
-            self.scanner,
-            self.settler,
-            *self.uploaders,
-            self.finisher,
-            *(worker for worker in (self.indexer, self.callbacks) if worker is not None),
-        ]
+        self.scanner = self.pipeline.scanner
+        self.uploaders = self.pipeline.uploaders
+        self.watcher = self.pipeline.watcher
+        self.workers = self.pipeline.workers
+        self.allowances = {worker.name: worker.quiet_seconds + STALL_MARGIN_SECONDS for worker in self.workers}
         self.threads: list[threading.Thread] = []
         self.notifier = Notifier()
-        self.monitor = MonitorServer(config, ledger, self.metrics, self.health) if config.monitor.listen else None
-        # Each worker's longest healthy quiet spell: a whole rescan interval and a scan for the scanner, one
-        # probe for the settler, one request's timeouts for an uploader (its wait for a slot is a sign of life).
-        upload_quiet = sum(client.upload_timeout)
-        self.allowances = {
-            self.scanner.name: config.watch.rescan_seconds + SCAN_SECONDS + STALL_MARGIN_SECONDS,
-            self.settler.name: config.upload.probe_timeout_seconds + STALL_MARGIN_SECONDS,
-            **{uploader.name: upload_quiet + STALL_MARGIN_SECONDS for uploader in self.uploaders},
-            # A move to another filesystem copies up to 3 GiB in one loop.
-            self.finisher.name: SCAN_SECONDS + STALL_MARGIN_SECONDS,
-            # Each list_videos call is a sign of life, however many a poll makes.
-            "indexer": IDLE_SECONDS + 1 / client.list_limiter.rate + sum(client.timeout) + STALL_MARGIN_SECONDS,
-            "callbacks": ACCEPT_WAIT_SECONDS + STALL_MARGIN_SECONDS,
-        }
+        self.monitor: MonitorServer | None = None
+        if config.monitor.listen:
+            self.monitor = MonitorServer(config, ledger, self.pipeline.metrics, self.health)
         self.progress_seen: dict[str, float] = {}
         for uploader in self.uploaders:
             uploader.on_progress = functools.partial(self._saw_progress, uploader.name)
@@ -225,10 +161,7 @@ class Daemon:
         self.signals.reloads += 1
 
     def _stop_workers(self) -> None:
-        self.stop.set()
-        self.wake.set()
-        self.uploads_ready.set()
-        self.actions_ready.set()
+        self.events.stop_all()
         self.scanner.request(None)
 
     def start(self) -> None:
@@ -272,7 +205,7 @@ class Daemon:
         log.info("started", folders=len(self.config.folders), once=self.once, workers=len(self.uploaders))
         self.notifier.ready(self.status_summary() or "started")
         code = Exit.OK
-        while not self.stop.wait(0.2) and not self.signals.stops:
+        while not self.events.stop.wait(0.2) and not self.signals.stops:
             self.main_loop_at = time.monotonic()
             gone = self.ledger.gone()
             if gone is not None:
@@ -286,7 +219,7 @@ class Daemon:
                 break
             if not self.once:
                 continue
-            pause = self.gate.pause
+            pause = self.pipeline.gate.pause
             if pause is not None and pause.kind in ("account", "ledger"):
                 log.error("stopping: uploads are paused", reason=pause.reason)
                 code = Exit.PAUSED
@@ -357,7 +290,7 @@ class Daemon:
             "ceiling": self.config.upload.rate_per_second,
             "folders": self.watcher.describe() if self.watcher is not None else [],
             "next_rescan": None if self.once else self.scanner.next_full_scan,
-            "ignored": sum(self.recorder.ignored.values()),
+            "ignored": sum(self.pipeline.recorder.ignored.values()),
         }
         try:
             self.ledger.update_setting(view.DAEMON_KEY, lambda _: (published, None), durable=False)
@@ -390,10 +323,10 @@ class Daemon:
 
     def _last_sign_of_life(self, worker: Worker, now: float) -> float:
         signs = [worker.heartbeat, self.progress_seen.get(worker.name, worker.heartbeat)]
-        if worker is self.settler:
+        if worker is self.pipeline.settler:
             # One pass over many pending files is one loop: each file it settles moves the ledger's counts.
             signs.append(self.ledger_moved_at)
-        if isinstance(worker, UploadWorker) and (worker.waiting.is_set() or self.gate.pause is not None):
+        if isinstance(worker, UploadWorker) and (worker.waiting.is_set() or self.pipeline.gate.pause is not None):
             # A pause, or a slow learned pace, holds an uploader inside one loop for as long as it lasts.
             signs.append(now)
         return max(signs)
@@ -421,7 +354,7 @@ class Daemon:
         """What /healthz reports: stalled(), a stuck main loop, and whatever Watcher.health() finds wrong."""
         if not self.threads:
             return ["starting"]
-        if self.stop.is_set():
+        if self.events.stop.is_set():
             return ["stopping"]
         problems = self.stalled()
         quiet = time.monotonic() - self.main_loop_at
@@ -439,10 +372,10 @@ class Daemon:
             self.watcher.stop()
         deadline = time.monotonic() + self.grace_seconds
         for thread in self.threads:
-            while thread.is_alive() and not self.abandon.is_set():
+            while thread.is_alive() and not self.events.abandon.is_set():
                 thread.join(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
                 if time.monotonic() >= deadline or self.signals.stops > 1:
-                    self.abandon.set()
+                    self.events.abandon.set()
             thread.join(timeout=2)
         if self.monitor is not None:
             self.monitor.stop()

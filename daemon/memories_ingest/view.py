@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TextIO
 
 from .ledger import Ledger, LedgerLock, Row
 from .pacing import Pace
@@ -258,3 +259,40 @@ def status_line(document: Mapping[str, Any], folders: int, problems: Sequence[st
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         parts.append(f"unhealthy: {problems[0]}{more}")
     return printable("; ".join(parts))
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place: the file, its bar, the bytes sent of the total, the speed, the ETA.
+
+    A log line ends the bar first (see cli.configure_logging), so the two never share a line.
+    """
+
+    active: ProgressBar | None = None
+
+    def __init__(self, name: str, size: int, stream: TextIO = sys.stderr) -> None:
+        self.name = printable(name)
+        self.size = size
+        self.stream = stream
+        self.started = time.monotonic()
+
+    def __call__(self, sent: int) -> None:
+        if not self.stream.isatty():
+            return
+        percent = 100 * sent / self.size if self.size else 100.0
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = sent / elapsed
+        eta = f"ETA {(self.size - sent) / speed:.0f} s" if speed > 0 and sent < self.size else "ETA -"
+        # \x1b[K clears what a longer line drawn before left at its end.
+        self.stream.write(
+            f"\r{self.name} {bar(percent)} {percent:5.1f}%  {size(sent)} of {size(self.size)}"
+            f"  {size(speed)}/s  {eta}\x1b[K"
+        )
+        self.stream.flush()
+        ProgressBar.active = self
+
+    def end(self) -> None:
+        """Leave the bar's line, so that what is written next starts on a line of its own."""
+        if ProgressBar.active is self:
+            self.stream.write("\n")
+            self.stream.flush()
+            ProgressBar.active = None

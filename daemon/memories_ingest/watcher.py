@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -35,6 +34,7 @@ from .api import VIDEO_EXTENSIONS
 from .config import Config, Folder
 from .files import Version
 from .ledger import Ledger
+from .mounts import NETWORK_FILESYSTEMS, mount_for, parse_mountinfo, read_mountinfo
 from .states import GONE, PENDING, QUEUED, RETRYING
 
 log = structlog.get_logger()
@@ -47,18 +47,7 @@ POLL_SECONDS = 3.0
 # A tree that takes long to list is polled less often, so polling never keeps a disk or a share busy.
 POLL_BUSY_RATIO = 4.0
 INOTIFY_LIMITS = (errno.ENOSPC, errno.EMFILE)
-MOUNTINFO = Path("/proc/self/mountinfo")
 INOTIFY_SYSCTLS = Path("/proc/sys/fs/inotify")
-# Changes made by other machines never reach this kernel's inotify on these.
-# fmt: off
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "coda", "9p", "ceph", "glusterfs", "lustre", "gpfs",
-    "beegfs", "orangefs", "gfs2", "ocfs2", "davfs", "virtiofs", "vboxsf", "vmhgfs", "fuse.sshfs", "fuse.rclone",
-    "fuse.s3fs", "fuse.goofys", "fuse.gcsfuse", "fuse.blobfuse", "fuse.blobfuse2", "fuse.mountpoint-s3",
-    "fuse.juicefs", "fuse.glusterfs", "fuse.ceph-fuse", "fuse.davfs", "fuse.smbnetfs", "fuse.curlftpfs",
-    "fuse.vmhgfs-fuse",
-})
-# fmt: on
 
 
 _IGNORED = re.compile("|".join(fnmatch.translate(pattern) for pattern in IGNORED_PATTERNS))
@@ -123,48 +112,6 @@ def walk(
             elif stat.S_ISDIR(info.st_mode) and folder.recursive and (info.st_dev, info.st_ino) not in visited:
                 visited.add((info.st_dev, info.st_ino))
                 pending.append(entry.path)
-
-
-class Mount(NamedTuple):
-    point: Path
-    fstype: str
-    source: str
-
-
-def _unescape(field: bytes) -> Path:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    return Path(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match[1], 8)]), field)))
-
-
-def parse_mountinfo(text: bytes) -> list[Mount]:
-    """The mounts in a /proc/<pid>/mountinfo, in the kernel's order: a later mount hides an earlier one."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split()
-        try:
-            separator = fields.index(b"-", 6)
-            mounts.append(
-                Mount(_unescape(fields[4]), os.fsdecode(fields[separator + 1]), os.fsdecode(fields[separator + 2]))
-            )
-        except (ValueError, IndexError):
-            continue
-    return mounts
-
-
-def mount_for(path: Path, mounts: list[Mount]) -> Mount | None:
-    """The mount a path lives on: the deepest mount point above it, the latest one where mounts are stacked."""
-    found: Mount | None = None
-    for mount in mounts:
-        if path.is_relative_to(mount.point) and (found is None or len(mount.point.parts) >= len(found.point.parts)):
-            found = mount
-    return found
-
-
-def read_mountinfo() -> bytes:
-    try:
-        return MOUNTINFO.read_bytes()
-    except OSError:
-        return b""
 
 
 def watch_mode(path: Path, polling: bool | str, mountinfo: bytes) -> tuple[str, str]:

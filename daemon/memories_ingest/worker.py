@@ -1,4 +1,4 @@
-"""The daemon's threads: scanner, settler and uploaders, and the gate that pauses them all.
+"""The worker's shape, and the uploaders: each claims a due row, streams the file at its slot, records the answer.
 
 Each worker has initialize(), loop() and shutdown(), and runs under ``while not stop.is_set()``.
 Idle waits are event waits, so a stop is noticed at once.
@@ -6,13 +6,10 @@ Idle waits are event waits, so a stop is noticed at once.
 
 from __future__ import annotations
 
-import os
-import queue
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from dataclasses import dataclass
 
 import structlog
 
@@ -31,18 +28,41 @@ from .uploader import (
     SnapshotReader,
     upload_fields,
 )
-from .watcher import Recorder, Watcher
 
 log = structlog.get_logger()
 
 UNRECOGNISED_ATTEMPTS = 3
 FILE_RETRY_POLICY = RetryPolicy()
-READ_RETRY_POLICY = RetryPolicy()
 # An upload that may have landed is asked about again after a quarter of the time since its send, in these bounds,
 # and sent again when nothing proves it either way this long after the send.
 UNCERTAIN_CHECK_FLOOR = 2.0
 UNCERTAIN_CHECK_CAP = 600.0
 UNCERTAIN_SECONDS = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class Events:
+    """The flags the workers share: one to stop, one to abandon uploads in flight, and three to wake sleepers."""
+
+    stop: threading.Event
+    abandon: threading.Event
+    # A file was recorded: the settler looks now rather than at its next second.
+    wake: threading.Event
+    # A row was queued: an idle uploader claims it now.
+    uploads_ready: threading.Event
+    # A file was delivered: the finisher deletes or moves it now.
+    actions_ready: threading.Event
+
+    @classmethod
+    def create(cls, *, stop: threading.Event, abandon: threading.Event) -> Events:
+        return cls(stop, abandon, threading.Event(), threading.Event(), threading.Event())
+
+    def stop_all(self) -> None:
+        """Stop every worker, and wake each one that sleeps on an event, so that it sees the stop at once."""
+        self.stop.set()
+        self.wake.set()
+        self.uploads_ready.set()
+        self.actions_ready.set()
 
 
 class Worker:
@@ -52,6 +72,11 @@ class Worker:
         self.stop = stop
         self.fatal: LedgerError | None = None
         self.heartbeat = time.monotonic()
+
+    @property
+    def quiet_seconds(self) -> float:
+        """How long a healthy worker may go without a heartbeat; the daemon adds a margin before calling it stalled."""
+        raise NotImplementedError
 
     def initialize(self) -> None:
         """Set up before the first loop."""
@@ -102,243 +127,25 @@ class ProgressWriter:
             self.ledger.mark_progress(self.row_id, bytes_sent)
 
 
-class Scanner(Worker):
-    """The reconcile scan: at start-up, every rescan_seconds, and at once for any directory that needs it."""
-
-    name = "scanner"
-
-    def __init__(self, stop: threading.Event, config: Config, recorder: Recorder, watcher: Watcher | None) -> None:
-        super().__init__(stop)
-        self.config = config
-        self.recorder = recorder
-        self.watcher = watcher
-        self.requests: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
-        self.first_scan_done = threading.Event()
-        # When the next full rescan is due, as a wall-clock time for `status`.
-        self.next_full_scan = time.time()
-
-    def request(self, path: Path | None = None) -> None:
-        """Rescan a directory (None: every folder) soon; safe to call from an event handler."""
-        self.requests.put(path)
-
-    def scan_all(self) -> None:
-        self.next_full_scan = time.time() + self.config.watch.rescan_seconds
-        if self.watcher is not None:
-            self.watcher.refresh()
-        for folder in self.config.folders:
-            if self.stop.is_set():
-                return
-            started = time.monotonic()
-            changed = self.recorder.scan(folder)
-            log.info(
-                "scanned",
-                path=str(folder.path),
-                new_or_changed=changed,
-                seconds=round(time.monotonic() - started, 3),
-            )
-
-    def initialize(self) -> None:
-        self.scan_all()
-        self.first_scan_done.set()
-
-    def loop(self) -> None:
-        try:
-            target = self.requests.get(timeout=self.config.watch.rescan_seconds)
-        except queue.Empty:
-            target = None
-        if self.stop.is_set():
-            return
-        if target is None:
-            self.scan_all()
-            return
-        folder = self.config.folder_for(target / "x")
-        if folder is not None:
-            self.recorder.scan(folder, target if target != folder.path else None)
-
-
-class Settler(Worker):
-    """Waits until a file stops changing, then validates it: queued, rejected, or a known duplicate."""
-
-    name = "settler"
-
-    def __init__(
-        self,
-        stop: threading.Event,
-        config: Config,
-        ledger: Ledger,
-        wake: threading.Event,
-        uploads_ready: threading.Event,
-        clock: Callable[[], float] = time.time,
-        *,
-        actions_ready: threading.Event | None = None,
-    ) -> None:
-        super().__init__(stop)
-        self.config = config
-        self.ledger = ledger
-        self.wake = wake
-        self.uploads_ready = uploads_ready
-        self.actions_ready = actions_ready or threading.Event()
-        self.clock = clock
-
-    def loop(self) -> None:
-        self.wake.clear()
-        next_due: float | None = None
-        for row in self.ledger.pending():
-            if self.stop.is_set():
-                return
-            due = self.settle(row)
-            if due is not None:
-                next_due = due if next_due is None else min(next_due, due)
-        wait = 1.0 if next_due is None else min(1.0, max(0.02, next_due - self.clock()))
-        self.wake.wait(wait)
-
-    def settle(self, row: Row) -> float | None:
-        """Check one pending row; returns when to look again, or None when it left `pending`."""
-        folder = self.config.folder_for(row.path)
-        if folder is None:
-            return None
-        reason = probe.check_name(row.path)
-        if reason:
-            self._reject(row, reason)
-            return None
-        try:
-            info = os.stat(row.path, follow_symlinks=False)
-        except FileNotFoundError:
-            self.ledger.mark_gone(row.id)
-            log.info(
-                "file gone before upload",
-                path=str(row.path),
-                unique_id=row.unique_id,
-                state="gone",
-                attempt=row.attempts,
-            )
-            return None
-        except OSError as error:
-            return self._unreadable(row, error)
-        if not stat.S_ISREG(info.st_mode):
-            self._reject(row, "not a regular file")
-            return None
-        if not row.version.same_as(Version.of(info)):
-            self.ledger.note_changed(row.id, Version.of(info))
-            return self.clock() + self.config.watch.settle_seconds
-        due = max(row.stable_since + self.config.watch.settle_seconds, row.next_attempt_at or 0.0)
-        if self.clock() < due:
-            return due
-        self.validate(row, folder)
-        return None
-
-    def _unreadable(self, row: Row, error: OSError) -> float:
-        """A permission or an I/O error says nothing about what the file is: look again later, with backoff."""
-        at = self.clock() + READ_RETRY_POLICY.delay(row.read_errors + 1)
-        reason = f"cannot be read now, will try again: {error.strerror or error}"
-        self.ledger.mark_unreadable(row.id, at, reason)
-        log.warning(
-            "cannot read a file; trying again later",
-            path=str(row.path),
-            unique_id=row.unique_id,
-            state="pending",
-            reason=reason,
-            retry_in=round(at - self.clock(), 1),
-        )
-        return at
-
-    def validate(self, row: Row, folder: Folder) -> None:
-        try:
-            with open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (fd, info):
-                if not row.version.same_as(Version.of(info)):
-                    self.ledger.note_changed(row.id, Version.of(info))
-                    return
-                self.check_policy(folder, info)
-                probe.check_header(fd, info.st_size)
-                media = probe.probe_fd(
-                    fd, require_audio=folder.require_audio, timeout=self.config.upload.probe_timeout_seconds
-                )
-                content = fingerprint(fd, info.st_size)
-        except FileNotFoundError:
-            self.ledger.mark_gone(row.id)
-            return
-        except (probe.Rejection, NotRegular) as rejection:
-            if self.stop.is_set():
-                # A shutdown signal may have reached the probe too: check the file again next time.
-                return
-            self._reject(row, str(rejection))
-            return
-        except OSError as error:
-            self._unreadable(row, error)
-            return
-        original = self.ledger.delivered_copy(row, content)
-        if original is not None:
-            self.ledger.mark_duplicate(row, content, original, action=folder.action)
-            self.actions_ready.set()
-            log.info(
-                "already uploaded",
-                path=str(row.path),
-                unique_id=row.unique_id,
-                state=original.state if original.id != row.id else row.prior_state,
-                attempt=row.attempts,
-                video_no=original.video_no,
-                same_as=str(original.path),
-            )
-            return
-        if self.ledger.mark_queued(row, content, media.to_json()):
-            log.info(
-                "queued",
-                path=str(row.path),
-                unique_id=row.unique_id,
-                state="queued",
-                attempt=row.attempts,
-                codec=media.video_codec,
-                size=row.size,
-            )
-            self.uploads_ready.set()
-
-    def check_policy(self, folder: Folder, info: os.stat_result) -> None:
-        """Hard links and other people's files: either can smuggle in a file its writer could not read."""
-        watch = self.config.watch
-        if watch.hardlinks == "reject" and info.st_nlink > 1:
-            raise probe.Rejection(f"the file has {info.st_nlink} hard links, and watch.hardlinks is reject")
-        if watch.other_owners == "reject":
-            owner = os.stat(folder.path).st_uid
-            if info.st_uid != owner:
-                raise probe.Rejection(
-                    f"the file belongs to uid {info.st_uid}, not to the folder's owner (uid {owner}), "
-                    "and watch.other_owners is reject"
-                )
-
-    def _reject(self, row: Row, reason: str) -> None:
-        self.ledger.mark_rejected(row.id, reason)
-        log.warning(
-            "rejected",
-            path=str(row.path),
-            unique_id=row.unique_id,
-            state="rejected",
-            attempt=row.attempts,
-            reason=reason,
-        )
-
-
 class UploadWorker(Worker):
     """Claims a due row, streams the file at its slot, and records what the answer means."""
 
     def __init__(
         self,
         *,
-        stop: threading.Event,
         number: int,
         config: Config,
         ledger: Ledger,
         client: Client,
         pacer: Pacer,
         gate: Gate,
-        uploads_ready: threading.Event,
-        actions_ready: threading.Event,
-        abandon: threading.Event,
+        events: Events,
         metrics: Metrics,
-        callback_url: str | None = None,
-        policy: RetryPolicy = FILE_RETRY_POLICY,
-        clock: Callable[[], float] = time.time,
+        callback_url: str | None,
+        policy: RetryPolicy,
+        clock: Callable[[], float],
     ) -> None:
-        super().__init__(stop)
+        super().__init__(events.stop)
         self.metrics = metrics
         self.callback_url = callback_url
         self.name = f"uploader-{number}"
@@ -347,15 +154,20 @@ class UploadWorker(Worker):
         self.client = client
         self.pacer = pacer
         self.gate = gate
-        self.uploads_ready = uploads_ready
-        self.actions_ready = actions_ready
-        self.abandon = abandon
+        self.uploads_ready = events.uploads_ready
+        self.actions_ready = events.actions_ready
+        self.abandon = events.abandon
         self.policy = policy
         self.clock = clock
         self.busy = threading.Event()
         # Set while the worker waits for its upload slot: at a slow pace that may be minutes, and healthy.
         self.waiting = threading.Event()
         self.on_progress: Callable[[int], None] | None = None
+
+    @property
+    def quiet_seconds(self) -> float:
+        """One request's timeouts; its wait for a slot, and every block it sends, are signs of life."""
+        return sum(self.client.upload_timeout)
 
     def loop(self) -> None:
         access = self.gate.wait_open(self.stop)
@@ -439,30 +251,7 @@ class UploadWorker(Worker):
         if row.sent_at is not None and self.reconcile(row, context):
             return None
         try:
-            with open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (fd, info):
-                unchanged = row.version.same_as(Version.of(info))
-                if not unchanged or (row.fingerprint and fingerprint(fd, info.st_size) != row.fingerprint):
-                    self.ledger.mark_changed(row.id)
-                    log.info("file changed before upload; settling again", state="pending", **context)
-                    return None
-                log.info("uploading", state="uploading", size=row.size, **context)
-                reader = SnapshotReader(
-                    fd,
-                    info,
-                    str(row.path),
-                    self.abandon,
-                    before_last_block=lambda: self.ledger.mark_sent(row.id),
-                    progress=ProgressWriter(self.ledger, row.id, self.on_progress),
-                )
-                content_type = probe.content_type_for(row.path) or "video/mp4"
-                upload_started = time.monotonic()
-                outcome = self.client.upload(
-                    reader,
-                    wire_name(row.path),
-                    content_type,
-                    upload_fields(folder, row, self.callback_url),
-                    before_send=self.take_slot,
-                )
+            answered = self.send(row, folder, context)
         except FileNotFoundError:
             self.ledger.mark_gone(row.id)
             log.info("file gone before upload", state="gone", **context)
@@ -491,9 +280,40 @@ class UploadWorker(Worker):
                 "upload failed; will retry", state="retrying", reason=reason, retry_in=round(delay, 1), **context
             )
             return None
+        if answered is None:
+            return None
+        outcome, seconds = answered
         self.record(row, outcome, context)
-        self.metrics.answered(outcome, row.size, time.monotonic() - upload_started)
+        self.metrics.answered(outcome, row.size, seconds)
         return outcome
+
+    def send(self, row: Row, folder: Folder, context: Mapping[str, object]) -> tuple[Outcome, float] | None:
+        """Stream the file as it was validated: the answer and the seconds it took, or None if it changed."""
+        with open_beneath(folder.path, row.path, follow_symlinks=self.config.watch.follow_symlinks) as (fd, info):
+            unchanged = row.version.same_as(Version.of(info))
+            if not unchanged or (row.fingerprint and fingerprint(fd, info.st_size) != row.fingerprint):
+                self.ledger.mark_changed(row.id)
+                log.info("file changed before upload; settling again", state="pending", **context)
+                return None
+            log.info("uploading", state="uploading", size=row.size, **context)
+            reader = SnapshotReader(
+                fd,
+                info,
+                str(row.path),
+                self.abandon,
+                before_last_block=lambda: self.ledger.mark_sent(row.id),
+                progress=ProgressWriter(self.ledger, row.id, self.on_progress),
+            )
+            content_type = probe.content_type_for(row.path) or "video/mp4"
+            started = time.monotonic()
+            outcome = self.client.upload(
+                reader,
+                wire_name(row.path),
+                content_type,
+                upload_fields(folder, row, self.callback_url),
+                before_send=self.take_slot,
+            )
+            return outcome, time.monotonic() - started
 
     def reconcile(self, row: Row, context: Mapping[str, object]) -> bool:
         """An earlier attempt sent the whole body but no answer was stored: ask the server before sending again.
