@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,50 @@ def test_a_file_touched_after_an_unanswered_send_still_counts_as_in_doubt(ledger
     other = ledger.get(FOLDER / "day2" / "clip.mp4")
     assert requeued is not None and requeued.state == QUEUED and requeued.sent_at is not None
     assert other is not None and ledger.others_in_doubt(other)
+
+
+def delivered_many(ledger: Ledger, count: int) -> None:
+    """count rows already uploaded in one folder, the state of a NAS share after a year: made in one statement."""
+    seen(ledger, "template.mp4")
+    with ledger._write() as conn:
+        conn.execute(
+            "WITH RECURSIVE n(value) AS (SELECT 1 UNION ALL SELECT value + 1 FROM n WHERE value < ?)"
+            " INSERT INTO files (path, folder, unique_id, state, size, mtime_ns, inode, ctime_ns, stable_since,"
+            " attempts, video_no, fingerprint, created_at, updated_at, uploaded_at)"
+            " SELECT CAST(CAST(path AS TEXT) || '.' || value AS BLOB), folder, unique_id, 'uploaded', size, mtime_ns,"
+            " inode + value, ctime_ns, stable_since, 1, 'VI' || value, 'fp' || value, created_at, updated_at,"
+            " updated_at FROM files, n WHERE path = ?",
+            [count, os.fsencode(FOLDER / "template.mp4")],
+        )
+
+
+def sqlite_steps(ledger: Ledger, action: Callable[[], object]) -> int:
+    """How many thousand virtual-machine steps SQLite takes for action: its work, whatever the machine's speed."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    ledger._conn.set_progress_handler(count, 1000)
+    try:
+        action()
+    finally:
+        ledger._conn.set_progress_handler(None, 0)
+    return steps
+
+
+def test_what_an_idle_daemon_asks_often_does_not_read_every_delivered_row(ledger: Ledger) -> None:
+    delivered_many(ledger, 20_000)
+    assert ledger.counts()[UPLOADED] == 20_000
+    whole_table = sqlite_steps(ledger, lambda: ledger.rows(UPLOADED))
+    # Each uploader claims twice a second, the settler looks for pending rows every second, and so on.
+    for ask in (
+        lambda: ledger.claim([FOLDER]),
+        lambda: ledger.due_count([FOLDER]),
+        ledger.pending,
+        ledger.due_action,
+        ledger.requeue_orphans,
+    ):
+        assert sqlite_steps(ledger, ask) * 100 < whole_table
