@@ -11,8 +11,8 @@ from pathlib import Path
 
 from memories_ingest import samples
 from memories_ingest.ledger import Ledger
-from memories_ingest.pacing import PACE_KEY
 from memories_ingest.sandbox import RequestRecord, Sandbox
+from memories_ingest.schema import PACE_KEY
 
 from .measure import Mark, Proc, Usage, log_time, med
 from .report import Row, listing, met, mib, per_second, ratio, say, seconds

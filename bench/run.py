@@ -3,7 +3,7 @@
 
 Run from the repository root with the project's virtual environment:
 
-    .venv/bin/python bench/run.py [--quick] [--only upload,latency,burst,startup,idle,probe] [--rounds N]
+    .venv/bin/python bench/run.py [--quick] [--only upload,latency,burst,startup,commands,idle,probe] [--rounds N]
 
 Every figure is the median of at least 3 rounds that alternate the daemon and its reference in the same run
 (the machine is shared and noisy). The table is printed and written to bench/results.md (see --output).
@@ -30,7 +30,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 try:
-    from bench import burst, idle, latency, pacing, probe, startup, upload
+    from bench import burst, commands, idle, latency, pacing, probe, startup, upload
     from bench.measure import Proc
     from bench.report import GIB, Report, mib, say, seconds
     from bench.results import revision, write_results
@@ -43,11 +43,12 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
     "latency": latency.bench_latency,
     "burst": burst.bench_burst,
     "startup": startup.bench_startup,
+    "commands": commands.bench_commands,
     "idle": idle.bench_idle,
     "probe": probe.bench_probe,
     "pacing": pacing.bench_pacing,
 }
-DEFAULT_SECTIONS = ("upload", "latency", "burst", "startup", "idle", "probe")
+DEFAULT_SECTIONS = ("upload", "latency", "burst", "startup", "commands", "idle", "probe")
 
 
 def main(argv: list[str] | None = None) -> int:

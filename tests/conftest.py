@@ -22,7 +22,8 @@ from memories_ingest.ledger import Ledger, LedgerError, Pause, Row
 from memories_ingest.pacing import RetryPolicy
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
-from memories_ingest.service import Daemon, Signals
+from memories_ingest.service import Daemon
+from memories_ingest.signals import Signals
 from memories_ingest.uploader import Client
 
 

@@ -420,3 +420,33 @@ def test_an_upload_that_died_mid_file_is_taken_over_by_the_next(
     again = cli("upload", str(video), config=config_file)
     assert again.returncode == 0 and again.stdout.startswith(f"uploaded {video}: VI"), again.stdout + again.stderr
     assert [video_.filename for video_ in sandbox.received()] == ["big.mp4"]
+
+
+HEAVY = ("av", "werkzeug", "requests", "pydantic", "sqlite_utils", "structlog", "prometheus_client", "watchdog")
+LOADED = """
+import json, sys
+from memories_ingest import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def modules_loaded_by(*args: str) -> set[str]:
+    """Every module a command leaves loaded, run in a fresh interpreter: what it cost, counted, not timed."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED, *args], capture_output=True, text=True, env=environment(), timeout=120
+    )
+    loaded: list[str] = json.loads(done.stderr.strip().splitlines()[-1])
+    return {name.partition(".")[0] for name in loaded}
+
+
+def test_help_and_the_ledger_commands_load_no_heavy_dependency(config_file: Path, tmp_path: Path) -> None:
+    Ledger(tmp_path / "ledger.db").close()
+    assert not modules_loaded_by("--help") & {*HEAVY, "yaml", "sqlite3"}
+    for command in ("status", "list", "resume"):
+        assert not modules_loaded_by(command, "-c", str(config_file)) & set(HEAVY), command
+    # The check can see what it looks for: `check` validates the config, with pydantic.
+    assert {"pydantic", "structlog"} <= modules_loaded_by("check", "-c", str(config_file))

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memories_ingest.config import ConfigError, MissingApiKey, load, parse, read_api_key
+from memories_ingest.config import load, parse
+from memories_ingest.configfile import ConfigError
+from memories_ingest.keys import MissingApiKey, read_api_key
 from memories_ingest.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -59,8 +59,8 @@ def deliver(ledger: Ledger, name: str, fingerprint: str, video_no: str = "VI1") 
 
 
 def test_wal_mode_and_full_sync(ledger: Ledger) -> None:
-    assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ledger.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert ledger._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
 def test_a_new_file_is_pending_and_seeing_it_unchanged_does_nothing(ledger: Ledger) -> None:
@@ -152,7 +152,7 @@ def test_new_content_at_an_uploaded_path_is_a_new_video(ledger: Ledger) -> None:
     queue(ledger, "a.mp4", "new")
     requeued = ledger.get(FOLDER / "a.mp4")
     assert requeued is not None and requeued.state == QUEUED and requeued.video_no is None
-    history = list(ledger.db["uploads"].rows)
+    history = ledger._conn.execute("SELECT video_no FROM uploads ORDER BY id").fetchall()
     assert [h["video_no"] for h in history] == ["VI1"]
 
 

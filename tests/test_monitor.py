@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from memories_ingest import view
 from memories_ingest.api import Outcome
 from memories_ingest.ledger import Ledger
-from memories_ingest.monitor import LedgerCheck, Metrics, Notifier, notify
+from memories_ingest.metrics import Metrics
+from memories_ingest.monitor import LedgerCheck
+from memories_ingest.notifier import Notifier, notify
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
 from memories_ingest.service import Daemon

@@ -18,18 +18,10 @@ from memories_ingest import api
 from memories_ingest.api import Outcome
 from memories_ingest.files import Version
 from memories_ingest.ledger import Ledger, LedgerLock, Pause
-from memories_ingest.pacing import (
-    FLOOR_PER_SECOND,
-    GOOD_RUN,
-    MARGIN,
-    Access,
-    Gate,
-    Pacer,
-    RateLimiter,
-    RetryPolicy,
-)
+from memories_ingest.pacing import GOOD_RUN, Access, Gate, Pacer, RateLimiter, RetryPolicy
 from memories_ingest.samples import write_video
 from memories_ingest.sandbox import Sandbox
+from memories_ingest.schema import FLOOR_PER_SECOND, MARGIN
 from memories_ingest.uploader import Client, SnapshotReader
 
 from conftest import API_KEY, Pipeline, daemon_config, spawned, wait_until

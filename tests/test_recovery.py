@@ -466,7 +466,7 @@ def test_neither_an_upload_on_a_new_ledger_nor_a_restored_backup_slips_past_the_
     backup = tmp_path / "backup.db"
     with read_ledger(tmp_path) as ledger:
         assert ledger is not None
-        ledger.db.conn.execute(f"VACUUM INTO '{backup}'")
+        ledger._conn.execute(f"VACUUM INTO '{backup}'")
     write_video(tmp_path / "watched" / names[1], seconds=2)
     finish(config, tmp_path, names)
 

@@ -21,7 +21,7 @@ def row_in(ledger: Ledger, state: State) -> int:
     ledger.record_seen(FOLDER / f"{state}.mp4", FOLDER, "scope", Version(100, 1, 7, 1))
     row = ledger.get(FOLDER / f"{state}.mp4")
     assert row is not None
-    ledger.db.execute("UPDATE files SET state = ? WHERE id = ?", [state, row.id])
+    ledger._conn.execute("UPDATE files SET state = ? WHERE id = ?", [state, row.id])
     return row.id
 
 
@@ -48,7 +48,7 @@ def test_every_change_the_table_allows_is_made_and_every_other_raises_and_leaves
             after = ledger.get_id(row_id)
             assert (after.state, after.error) == (current, None)
             refused += 1
-        ledger.db.execute("DELETE FROM files WHERE id = ?", [row_id])
+        ledger._conn.execute("DELETE FROM files WHERE id = ?", [row_id])
     assert made == sum(len(targets) for targets in ALLOWED.values())
     assert made + refused == len(STATES) * (len(STATES) - 1)
 

@@ -9,7 +9,6 @@ the server's exact words. The sandbox speaks from the same table, so the two nev
 
 from __future__ import annotations
 
-import email.utils
 import re
 import time
 from collections.abc import Mapping
@@ -166,6 +165,9 @@ def retry_after(value: str | None, now: float) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    # Here, not at the top: the command line reads this module's dialects, and should not pay for the email package.
+    import email.utils
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import signal
 import sys
 from collections.abc import MutableMapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-import structlog
-
-from . import __version__, commands, view
+from . import __version__
 from .api import DIALECTS
-from .config import DEFAULT_CONFIG_PATH, redact
+from .configfile import DEFAULT_CONFIG_PATH
 from .states import RETRYABLE, STATES
 
 if TYPE_CHECKING:
@@ -22,8 +20,16 @@ if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) -> None:
+def configure_logging(stream: TextIO = sys.stderr, level: int | None = None) -> None:
     """JSON lines for journald and pipes, readable coloured lines on a terminal; never the API key."""
+    # Loaded here rather than at the top: `--help` needs none of them.
+    import logging
+
+    import structlog
+
+    from .keys import redact, redact_values
+    from .view import ProgressBar
+
     rendering: Any = (
         structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.plain_traceback)
         if stream.isatty()
@@ -32,10 +38,10 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
 
     def scrub(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         # Before rendering too: JSON escapes a key holding " or \, and the escaped form would slip past.
-        return {name: _scrubbed(value) for name, value in event.items()}
+        return {name: redact_values(value) for name, value in event.items()}
 
     def renderer(logger: Any, method: str, event: Any) -> str:
-        bar = view.ProgressBar.active
+        bar = ProgressBar.active
         if bar is not None:
             bar.end()
         # The last line of defence: whatever put a key into an event, the line written has none.
@@ -53,20 +59,10 @@ def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) ->
             else structlog.dev.set_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if level is None else level),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-
-
-def _scrubbed(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, (list, tuple)):
-        return [_scrubbed(item) for item in value]
-    if isinstance(value, dict):
-        return {name: _scrubbed(item) for name, item in value.items()}
-    return value
 
 
 def _timestamp(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -102,7 +98,7 @@ def _daemon_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
     """The daemon itself, and the checks before it runs."""
     run = subcommands.add_parser("run", parents=[common], help="watch and upload until SIGTERM or SIGINT")
     run.add_argument("--once", action="store_true", help="process what is there now, then exit")
-    run.set_defaults(handler=commands.cmd_run)
+    run.set_defaults(handler="runner.cmd_run")
 
     check = subcommands.add_parser(
         "check", parents=[common], help="validate the config, the ledger's place and the key, then exit"
@@ -112,7 +108,7 @@ def _daemon_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
         action="store_true",
         help="also ask the API, read-only, whether the key works (one list_videos call; never an upload)",
     )
-    check.set_defaults(handler=commands.cmd_check)
+    check.set_defaults(handler="runner.cmd_check")
 
 
 def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -121,12 +117,12 @@ def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true", help="redraw the view live until Ctrl-C")
     status.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
-    status.set_defaults(handler=commands.cmd_status)
+    status.set_defaults(handler="commands.cmd_status")
 
     listing = subcommands.add_parser("list", parents=[common], help="the ledger's rows")
     listing.add_argument("--state", choices=STATES)
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(handler=commands.cmd_list)
+    listing.set_defaults(handler="commands.cmd_list")
 
     retry = subcommands.add_parser(
         "retry", parents=[common], help="put files back in the queue; each is validated again, then uploaded"
@@ -134,7 +130,7 @@ def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
     retry.add_argument("--state", choices=RETRYABLE, help="every file in this state")
     retry.add_argument("--all-failed", action="store_true", help="every failed file (the same as --state failed)")
     retry.add_argument("paths", nargs="*", metavar="PATH", help="these files; each is told what was done, and why")
-    retry.set_defaults(handler=commands.cmd_retry)
+    retry.set_defaults(handler="commands.cmd_retry")
 
     upload = subcommands.add_parser(
         "upload", parents=[common], help="upload files once, outside the daemon, with the same checks and ledger"
@@ -142,12 +138,12 @@ def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
     upload.add_argument("files", nargs="+", metavar="FILE")
     upload.add_argument("--unique-id", help="the memories.ai folder scope (default: the file's watched folder's)")
     upload.add_argument("--tag", action="append", default=[], help="a tag to add; repeat for more")
-    upload.set_defaults(handler=commands.cmd_upload)
+    upload.set_defaults(handler="runner.cmd_upload")
 
     resume = subcommands.add_parser(
         "resume", parents=[common], help="lift a pause of every upload now; after an account refusal, try one upload"
     )
-    resume.set_defaults(handler=commands.cmd_resume)
+    resume.set_defaults(handler="commands.cmd_resume")
 
     rebuilding = subcommands.add_parser(
         "rebuild",
@@ -155,7 +151,7 @@ def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
         help="record as uploaded every file in the folders that list_videos shows memories.ai already holds",
     )
     rebuilding.add_argument("--dry-run", action="store_true", help="say what would be recorded, and record nothing")
-    rebuilding.set_defaults(handler=commands.cmd_rebuild)
+    rebuilding.set_defaults(handler="runner.cmd_rebuild")
 
 
 def _tool_commands(subcommands: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -163,7 +159,7 @@ def _tool_commands(subcommands: Subcommands, common: argparse.ArgumentParser) ->
     probing = subcommands.add_parser("probe", parents=[common], help="what validation says about one file")
     probing.add_argument("file")
     probing.add_argument("--require-audio", action="store_true")
-    probing.set_defaults(handler=commands.cmd_probe)
+    probing.set_defaults(handler="tryout.cmd_probe")
 
     sandbox = subcommands.add_parser("sandbox", parents=[common], help="run the local emulator of the API")
     sandbox.add_argument("--host", default="127.0.0.1")
@@ -182,22 +178,29 @@ def _tool_commands(subcommands: Subcommands, common: argparse.ArgumentParser) ->
         metavar="RATE",
         help="the account's upload limit, e.g. 1/s (the default), 1/60s or 2/min",
     )
-    sandbox.set_defaults(handler=commands.cmd_sandbox)
+    sandbox.set_defaults(handler="tryout.cmd_sandbox")
 
     demo = subcommands.add_parser("demo", parents=[common], help="upload a sample video to a local sandbox")
-    demo.set_defaults(handler=commands.cmd_demo)
+    demo.set_defaults(handler="tryout.cmd_demo")
 
 
 # Commands that only print: when what reads them goes away (`status | head`), they end quietly, as `cat` does.
 PRINTING_COMMANDS = frozenset({"status", "list", "check", "probe", "retry", "resume"})
+# Commands that load nothing that logs, so they need no logging set up (and no structlog loaded): a test holds
+# them to it.
+QUIET_COMMANDS = frozenset({"status", "list", "retry", "resume"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in PRINTING_COMMANDS:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    configure_logging()
-    code: int = args.handler(args)
+    if args.command not in QUIET_COMMANDS:
+        configure_logging()
+    # Each command's module is loaded only when it runs: `status` never pays for PyAV, requests or pydantic.
+    module, _, function = args.handler.rpartition(".")
+    handler = getattr(importlib.import_module(f".{module}", __package__), function)
+    code: int = handler(args)
     return code
 
 

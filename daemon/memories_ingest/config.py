@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .api import MAX_CALLBACK, MAX_CAMERA_MODEL, MAX_TAGS
+from .configfile import DEFAULT_LEDGER_PATH, ConfigError, read
 
 # The daemon adds one tag of its own to every upload, the file's identity: the rest are the config's.
 MAX_CONFIG_TAGS = MAX_TAGS - 1
 
-DEFAULT_CONFIG_PATH = "/etc/memories-ingest/config.yaml"
 DEFAULT_BASE_URL = "https://api.memories.ai"
-
-
-class ConfigError(Exception):
-    """Every problem found in one config file, each as 'file: key.path: message'."""
-
-    def __init__(self, path: str | os.PathLike[str], problems: Iterable[str]) -> None:
-        self.path = str(path)
-        self.problems = [f"{self.path}: {problem}" for problem in problems]
-        super().__init__("\n".join(self.problems))
 
 
 def _decimal_text(value: Any, low: int, high: int) -> str | None:
@@ -197,7 +185,7 @@ class MonitorSection(_Strict):
 
 class ConfigFile(_Strict):
     api: ApiSection = ApiSection()
-    ledger: str = "/var/lib/memories-ingest/ledger.db"
+    ledger: str = DEFAULT_LEDGER_PATH
     watch: WatchSection = WatchSection()
     upload: UploadSection = UploadSection()
     defaults: FolderFields = FolderFields()
@@ -429,114 +417,6 @@ def parse(document: Any, source: Path) -> Config:
     )
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML without aliases: a few lines of nested aliases (a "billion laughs") would expand to gigabytes."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in this config; write the value out", event.start_mark
-            )
-        return super().compose_node(parent, index)
-
-
-def _read(source: Path) -> Any:
-    """The YAML document in a config file; ConfigError when it cannot be read or parsed."""
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(source, ["no such file; copy config.example.yaml there and edit it"]) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(source, [f"cannot be read: {error}"]) from None
-    try:
-        # A SafeLoader of our own: plain data, no aliases.
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(source, [f"{where}not valid YAML: {problem}"]) from None
-
-
 def load(path: str | os.PathLike[str]) -> Config:
     source = Path(path).absolute()
-    return parse(_read(source), source)
-
-
-def ledger_path(path: str | os.PathLike[str]) -> Path:
-    """Only where the ledger is, from a config that may be wrong in every other way.
-
-    status, list, retry and resume need nothing else, so a config the daemon rejected on reload leaves them working.
-    """
-    source = Path(path).absolute()
-    document = _read(source)
-    ledger = document.get("ledger", ConfigFile.model_fields["ledger"].default) if isinstance(document, dict) else None
-    if not isinstance(ledger, str) or not ledger.strip():
-        raise ConfigError(source, [f"ledger: {ledger!r} is not a path"])
-    return (source.parent / os.path.expanduser(ledger.strip())).resolve()
-
-
-# Every key this process has read: the last line of defence scrubs them from any text bound for a log or the ledger.
-_SECRETS: set[str] = set()
-REDACTED = "[the API key]"
-
-
-def keep_secret(key: str) -> None:
-    """From now on, scrub this key from every text bound for a log or the ledger."""
-    if len(key) >= 4:
-        _SECRETS.add(key)
-
-
-def redact(text: str) -> str:
-    """The text without any API key this process has read in it."""
-    for secret in _SECRETS:
-        text = text.replace(secret, REDACTED)
-    return text
-
-
-class MissingApiKey(Exception):
-    """No usable key: none found, or one that cannot be a key. The message never holds the key."""
-
-
-def _usable(key: str, where: str) -> str:
-    """The key, stripped of surrounding whitespace; refused, without being echoed, when it cannot be one."""
-    key = key.strip()
-    if not key:
-        raise MissingApiKey(f"{where} is empty")
-    if "\n" in key or "\r" in key:
-        raise MissingApiKey(f"{where} holds more than one line; it must hold the key alone, on one line")
-    if not all(0x21 <= ord(character) <= 0x7E for character in key):
-        raise MissingApiKey(
-            f"{where} holds a space, a control character or a character beyond ASCII, which no API key has "
-            "(the key goes into the Authorization header raw, with no 'Bearer ')"
-        )
-    keep_secret(key)
-    return key
-
-
-def read_api_key(api: ApiSection, environ: Mapping[str, str] | None = None) -> str:
-    """The key, from the environment variable, api.api_key_file, or a systemd credential."""
-    env = os.environ if environ is None else environ
-    if env.get(api.api_key_env, "").strip():
-        return _usable(env[api.api_key_env], f"the environment variable {api.api_key_env}")
-    candidates = []
-    if api.api_key_file:
-        candidates.append((Path(os.path.expanduser(api.api_key_file)), "the file that api.api_key_file names"))
-    if env.get("CREDENTIALS_DIRECTORY"):
-        candidates.append((Path(env["CREDENTIALS_DIRECTORY"]) / "api-key", "the systemd credential api-key"))
-    for candidate, where in candidates:
-        # The path is not echoed: a key pasted into api.api_key_file by mistake must not reach the journal.
-        try:
-            text = candidate.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise MissingApiKey(f"{where} is not text") from None
-        except OSError as error:
-            raise MissingApiKey(f"cannot read {where}: {error.strerror}") from None
-        return _usable(text, where)
-    raise MissingApiKey(f"no API key: set the environment variable {api.api_key_env} or api.api_key_file in the config")
-
-
-def key_fingerprint(key: str) -> str:
-    """A short one-way name for a key: enough to tell two keys apart, nothing that reveals either."""
-    return hashlib.sha256(b"memories-ingest key\0" + key.encode()).hexdigest()[:12]
+    return parse(read(source), source)

@@ -12,11 +12,11 @@ import json
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Folder, redact
 from .custody import Holder, LedgerHeld, LedgerLock, location_problem, remember, remembered
 from .files import Version
+from .keys import redact
 from .queue import UploadQueue
 from .schema import LedgerError, LedgerLocationError, Pause, Row, key
 from .states import (
@@ -36,6 +36,9 @@ from .states import (
     UPLOADING,
     State,
 )
+
+if TYPE_CHECKING:
+    from .config import Folder
 
 __all__ = [
     "Holder",

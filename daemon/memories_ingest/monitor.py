@@ -1,7 +1,8 @@
-"""How the daemon is doing, for systemd and for people: sd_notify, Prometheus metrics, /healthz and a status page.
+"""How the daemon is doing, for people and their tools: /metrics, /healthz and a status page, over HTTP.
 
 Nothing here decides anything. The Daemon says what is alive, the ledger says where each file is, and the
-upload workers report every attempt to Metrics. The HTTP side is read-only and never shows the API key.
+upload workers report every attempt to Metrics. It is read-only, never shows the API key, and is loaded only
+when monitor.listen asks for it.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from . import view
-from .api import Outcome
 from .config import Config
 from .ledger import Ledger, Row
-from .pacing import Pace
+from .metrics import Metrics
+from .schema import Pace
 from .states import QUEUED, RETRYING
 from .view import printable
 
@@ -38,160 +38,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# From a short clip on a fast link (1 s) to a 3 GiB file on a slow one (1 h).
-DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
-# Listed up front so that every series exists, at 0, before the first one happens.
-RETRY_REASONS = (
-    "rate_limited",
-    "transient",
-    "account",
-    "refused",
-    "duplicate",
-    "unrecognised",
-    "changed",
-    "abandoned",
-)
 PAUSE_KINDS = ("account", "indexing_window", "ledger")
 # Below this, SQLite cannot be relied on to commit; BEGIN IMMEDIATE alone would not notice.
 MIN_FREE_BYTES = 1 << 20
 PAGE_REFRESH_SECONDS = 5
 
 
-# -- systemd ----------------------------------------------------------------------------------------------
-
-
-def notify(message: str) -> bool:
-    """Send one sd_notify datagram to $NOTIFY_SOCKET (a path, or an abstract socket written @name).
-
-    False when there is no such socket (not started by systemd, or not Type=notify) or it cannot be reached.
-    """
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address.startswith(("/", "@")):
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError:
-        return False
-    return True
-
-
-def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
-    """Seconds between watchdog pings: half of WatchdogSec, as sd_watchdog_enabled() advises; None when off."""
-    try:
-        usec = int(environ.get("WATCHDOG_USEC", ""))
-        pid = int(environ.get("WATCHDOG_PID", os.getpid()))
-    except ValueError:
-        return None
-    # A watchdog meant for another process (our parent, say) leaked into our environment.
-    if usec <= 0 or pid != os.getpid():
-        return None
-    return usec / 2_000_000
-
-
-class Notifier:
-    """READY, STATUS, WATCHDOG and STOPPING for a Type=notify unit; each is a no-op when not under systemd."""
-
-    def __init__(self, environ: Mapping[str, str] = os.environ, clock: Callable[[], float] = time.monotonic) -> None:
-        self.watchdog_interval = _watchdog_interval(environ)
-        self.clock = clock
-        self._last_ping: float | None = None
-        self._last_status: str | None = None
-        self._withheld: list[str] = []
-
-    def ready(self, status: str) -> None:
-        self._last_status = status
-        notify(f"READY=1\nSTATUS={status}")
-
-    def status(self, line: str) -> None:
-        if line != self._last_status:
-            self._last_status = line
-            notify(f"STATUS={line}")
-
-    def watchdog(self, problems: Callable[[], list[str]]) -> None:
-        """Ping when one is due, only while problems() finds none: a missed ping is how systemd learns of a stall."""
-        now = self.clock()
-        if self.watchdog_interval is None or (
-            self._last_ping is not None and now - self._last_ping < self.watchdog_interval
-        ):
-            return
-        found = problems()
-        if found:
-            if found != self._withheld:
-                log.error("WATCHDOG WITHHELD: systemd restarts the service if this lasts", problems=found)
-            self._withheld = found
-            return
-        if self._withheld:
-            log.warning("healthy again; watchdog pings resume", were=self._withheld)
-            self._withheld = []
-        self._last_ping = now
-        notify("WATCHDOG=1")
-
-    @property
-    def withheld(self) -> list[str]:
-        """Why the watchdog pings are withheld now; empty while they go out."""
-        return list(self._withheld)
-
-    def stopping(self) -> None:
-        notify("STOPPING=1\nSTATUS=stopping: letting uploads in flight finish")
-
-
 # -- metrics ----------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """What the upload workers report as it happens, in a registry of the daemon's own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.uploaded_bytes = Counter(
-            "memories_ingest_uploaded_bytes", "Bytes of the files the API accepted", registry=self.registry
-        )
-        self.upload_duration = Histogram(
-            "memories_ingest_upload_duration_seconds",
-            "How long each accepted upload took, from its first byte to the API's answer",
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self.retries = Counter(
-            "memories_ingest_upload_retries",
-            "Upload attempts that did not deliver the file, by reason; a refused file is not tried again",
-            ["reason"],
-            registry=self.registry,
-        )
-        for reason in RETRY_REASONS:
-            self.retries.labels(reason)
-        self.duplicates = Counter(
-            "memories_ingest_duplicate_uploads",
-            "Videos the server holds twice for one file, found while checking an upload whose answer was lost",
-            registry=self.registry,
-        )
-        self.possible_duplicates = Counter(
-            "memories_ingest_possible_duplicate_uploads",
-            "Uploads sent again after 6 h in which list_videos could neither prove nor rule out that they landed",
-            registry=self.registry,
-        )
-
-    def duplicates_found(self, count: int) -> None:
-        self.duplicates.inc(count)
-
-    def possible_duplicate(self) -> None:
-        self.possible_duplicates.inc()
-
-    def uploaded(self, size: int, seconds: float) -> None:
-        self.uploaded_bytes.inc(size)
-        self.upload_duration.observe(seconds)
-
-    def retried(self, reason: str) -> None:
-        self.retries.labels(reason).inc()
-
-    def answered(self, outcome: Outcome, size: int, seconds: float) -> None:
-        if outcome.kind == "uploaded":
-            self.uploaded(size, seconds)
-        else:
-            self.retried(outcome.kind)
 
 
 class LedgerCheck:

@@ -28,23 +28,18 @@ import structlog
 
 from .api import Outcome
 from .ledger import Ledger, Pause
+from .schema import FLOOR_PER_SECOND, MARGIN, PACE_KEY, Pace
 
 log = structlog.get_logger()
 
-# A slot's spacing over 1/rate, for the jitter between the moment a slot begins and the moment the server
-# counts the request.
-MARGIN = 0.015
-# The slowest pace a run of 0429s can bring: one upload every five minutes.
-FLOOR_PER_SECOND = 1 / 300
 # A pace is known to work after this many accepted uploads in a row at it.
 GOOD_RUN = 5
-# Within this ratio of the fastest pace known to work, the too-fast mark is close enough: stop probing.
+# Within this ratio of the fastest pace known to work, the too-fast mark is close enough: stop searching.
 CLOSE_ENOUGH = 1.2
-# After this many accepted uploads in a row at a settled pace, forget the too-fast mark and probe again.
+# After this many accepted uploads in a row at a settled pace, forget the too-fast mark and search again.
 FORGET_AFTER = 200
 # wait_turn lets an upload open its connection this long before its slot.
 LEAD_SECONDS = 0.5
-PACE_KEY = "pace"
 INDEXING_WINDOW_SECONDS = 2 * 3600
 
 
@@ -92,55 +87,6 @@ class RateLimiter:
                     if self._next == slot + self.interval:
                         self._next = slot
                 return False
-
-
-@dataclass(frozen=True)
-class Pace:
-    """The learned upload pace, as the ledger keeps it. Rates are uploads per second; times are wall-clock."""
-
-    rate: float
-    # upload.rate_per_second, as the last process to change the pace had it.
-    ceiling: float | None = None
-    # The fastest pace a run of uploads proved to work, and the slowest a 0429 proved too fast.
-    good: float | None = None
-    too_fast: float | None = None
-    accepted_in_a_row: int = 0
-    settled_for: int = 0
-    next_slot: float = 0.0
-    # When the last upload went out, by the clock of the process that sent it.
-    last_sent: float | None = None
-    limited_at: float | None = None
-
-    @property
-    def interval(self) -> float:
-        return (1.0 + MARGIN) / self.rate
-
-    def describe(self) -> str:
-        """The pace in words, for `status` and the status page."""
-        pace = f"{self.rate:.3g} uploads/s (one every {self.interval:.3g} s)"
-        if self.ceiling is None or self.rate >= self.ceiling:
-            return f"{pace}, the configured ceiling"
-        return f"{pace}, learned from the API's 0429 answers; the ceiling is {self.ceiling:.3g}/s"
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any, ceiling: float) -> Pace:
-        if not isinstance(data, dict):
-            return cls(rate=ceiling, ceiling=ceiling)
-        known = {field.name for field in dataclasses.fields(cls)}
-        pace = cls(**{key: value for key, value in data.items() if key in known})
-        # A lower ceiling in the config applies at once; a higher one is reached by learning.
-        return dataclasses.replace(pace, rate=min(ceiling, max(FLOOR_PER_SECOND, pace.rate)), ceiling=ceiling)
-
-    @classmethod
-    def stored(cls, data: Any) -> Pace | None:
-        """The pace as the ledger has it, for a reader without the config (status, the page, metrics)."""
-        if not isinstance(data, dict) or "rate" not in data:
-            return None
-        ceiling = data.get("ceiling") or data["rate"]
-        return cls.from_json(data, float(ceiling))
 
 
 class Pacer:

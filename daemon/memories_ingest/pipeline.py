@@ -9,7 +9,7 @@ from .config import Config
 from .finisher import ACTION_RETRY_POLICY, Finisher
 from .indexer import CallbackListener, Indexer, callback_token, callback_url
 from .ledger import Ledger
-from .monitor import Metrics
+from .metrics import Metrics
 from .pacing import Gate, Pacer, RetryPolicy
 from .scanner import Scanner
 from .settler import Settler

@@ -12,8 +12,8 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import redact
 from .custody import process_alive, this_process
+from .keys import redact
 from .schema import Row, key
 from .states import (
     DELIVERED,

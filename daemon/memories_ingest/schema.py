@@ -1,10 +1,11 @@
-"""What the ledger stores: the table layout and its migrations, and a row.
+"""What the ledger stores: a row, the pause and the learned pace, and the errors of a ledger that fails.
 
 Paths are stored as raw bytes (``os.fsencode``), so a file name that is not UTF-8 is kept exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -12,117 +13,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database, Migrations
-
 from .files import Version
 
 BUSY_TIMEOUT_MS = 15_000
-
-migrations = Migrations("memories_ingest")
-
-
-@migrations()
-def create_files(db: Database) -> None:
-    db.execute(
-        """
-        CREATE TABLE files (
-            id INTEGER PRIMARY KEY,
-            path BLOB NOT NULL UNIQUE,
-            folder BLOB NOT NULL,
-            unique_id TEXT,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            inode INTEGER NOT NULL,
-            fingerprint TEXT,
-            state TEXT NOT NULL,
-            prior_state TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at REAL,
-            stable_since REAL NOT NULL,
-            video_no TEXT,
-            error TEXT,
-            media TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            uploaded_at REAL
-        )
-        """
-    )
-    db.execute("CREATE INDEX files_state ON files (state, next_attempt_at)")
-    db.execute("CREATE INDEX files_folder ON files (folder)")
-    db.execute("CREATE INDEX files_content ON files (unique_id, fingerprint)")
-    db.execute(
-        """
-        CREATE TABLE uploads (
-            id INTEGER PRIMARY KEY,
-            file_id INTEGER NOT NULL REFERENCES files (id),
-            path BLOB NOT NULL,
-            unique_id TEXT,
-            fingerprint TEXT,
-            size INTEGER NOT NULL,
-            video_no TEXT NOT NULL,
-            uploaded_at REAL NOT NULL
-        )
-        """
-    )
-    db.execute("CREATE INDEX uploads_time ON uploads (uploaded_at)")
-    db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-
-
-@migrations()
-def add_sent_at(db: Database) -> None:
-    """When the last byte of an upload was handed to the socket: until an answer is stored, it is uncertain."""
-    db.execute("ALTER TABLE files ADD COLUMN sent_at REAL")
-
-
-@migrations()
-def add_progress_and_actions(db: Database) -> None:
-    """Upload progress that `status` in another process can read, and after-upload actions still to do."""
-    db.execute("ALTER TABLE files ADD COLUMN bytes_sent INTEGER")
-    db.execute("ALTER TABLE files ADD COLUMN started_at REAL")
-    db.execute("ALTER TABLE files ADD COLUMN action TEXT")
-    db.execute("ALTER TABLE files ADD COLUMN indexed_at REAL")
-
-
-@migrations()
-def add_action_outcome(db: Database) -> None:
-    """Where a moved file went, and why an after-upload action still waits: it is retried, never dropped.
-
-    Indexing results arrive by videoNo, one callback per video, so that lookup gets an index.
-    """
-    db.execute("ALTER TABLE files ADD COLUMN moved_to BLOB")
-    db.execute("ALTER TABLE files ADD COLUMN action_error TEXT")
-    db.execute("ALTER TABLE files ADD COLUMN action_attempts INTEGER NOT NULL DEFAULT 0")
-    db.execute("ALTER TABLE files ADD COLUMN action_at REAL")
-    db.execute("CREATE INDEX files_video_no ON files (video_no)")
-
-
-@migrations()
-def index_actions(db: Database) -> None:
-    """The finisher asks every second what is due; without this it would read every delivered row to answer."""
-    db.execute("UPDATE files SET action_at = 0 WHERE action IS NOT NULL AND action_at IS NULL")
-    db.execute("CREATE INDEX files_action ON files (action_at) WHERE action IS NOT NULL")
-
-
-@migrations()
-def add_ctime_and_read_errors(db: Database) -> None:
-    """The ctime joins every same-file check: a rewrite that restores the mtime, or a chmod, changes only it.
-
-    A file that cannot be read yet (a permission, an I/O error) is checked again with backoff; the row counts how
-    often. Rows from before keep a NULL ctime until they are next seen, and are not changed by that.
-    """
-    db.execute("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
-    db.execute("ALTER TABLE files ADD COLUMN read_errors INTEGER NOT NULL DEFAULT 0")
-
-
-@migrations()
-def add_claimed_by(db: Database) -> None:
-    """Which process is uploading a row: a daemon starting up requeues only the rows of processes that died.
-
-    `upload` shares the ledger with the daemon, so an `uploading` row may well be another live process's.
-    """
-    db.execute("ALTER TABLE files ADD COLUMN claimed_by TEXT")
-
+PACE_KEY = "pace"
+# A slot's spacing over 1/rate, for the jitter between the moment a slot begins and the moment the server
+# counts the request.
+MARGIN = 0.015
+# The slowest pace a run of 0429s can bring: one upload every five minutes.
+FLOOR_PER_SECOND = 1 / 300
 
 _UNSET: dict[str, Any] = {"action_attempts": 0, "read_errors": 0}
 
@@ -221,3 +120,52 @@ class Pause:
 
 def key(path: Path | str) -> bytes:
     return os.fsencode(path)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The learned upload pace, as the ledger keeps it. Rates are uploads per second; times are wall-clock."""
+
+    rate: float
+    # upload.rate_per_second, as the last process to change the pace had it.
+    ceiling: float | None = None
+    # The fastest pace a run of uploads proved to work, and the slowest a 0429 proved too fast.
+    good: float | None = None
+    too_fast: float | None = None
+    accepted_in_a_row: int = 0
+    settled_for: int = 0
+    next_slot: float = 0.0
+    # When the last upload went out, by the clock of the process that sent it.
+    last_sent: float | None = None
+    limited_at: float | None = None
+
+    @property
+    def interval(self) -> float:
+        return (1.0 + MARGIN) / self.rate
+
+    def describe(self) -> str:
+        """The pace in words, for `status` and the status page."""
+        pace = f"{self.rate:.3g} uploads/s (one every {self.interval:.3g} s)"
+        if self.ceiling is None or self.rate >= self.ceiling:
+            return f"{pace}, the configured ceiling"
+        return f"{pace}, learned from the API's 0429 answers; the ceiling is {self.ceiling:.3g}/s"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, ceiling: float) -> Pace:
+        if not isinstance(data, dict):
+            return cls(rate=ceiling, ceiling=ceiling)
+        known = {field.name for field in dataclasses.fields(cls)}
+        pace = cls(**{key: value for key, value in data.items() if key in known})
+        # A lower ceiling in the config applies at once; a higher one is reached by learning.
+        return dataclasses.replace(pace, rate=min(ceiling, max(FLOOR_PER_SECOND, pace.rate)), ceiling=ceiling)
+
+    @classmethod
+    def stored(cls, data: Any) -> Pace | None:
+        """The pace as the ledger has it, for a reader without the config (status, the page, metrics)."""
+        if not isinstance(data, dict) or "rate" not in data:
+            return None
+        ceiling = data.get("ceiling") or data["rate"]
+        return cls.from_json(data, float(ceiling))

@@ -2,48 +2,32 @@
 
 from __future__ import annotations
 
-import enum
 import functools
 import os
-import signal
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
 from . import prober, view
-from .config import Config, ConfigError
+from .config import Config
+from .configfile import ConfigError
+from .exits import Exit
 from .ledger import Ledger, LedgerError, Pause
-from .monitor import MonitorServer, Notifier
+from .notifier import Notifier
 from .pacing import RetryPolicy
 from .pipeline import build
+from .signals import Signals
 from .uploader import Client
 from .worker import FILE_RETRY_POLICY, Events, UploadWorker, Worker
 
+if TYPE_CHECKING:
+    from .monitor import MonitorServer
+
 log = structlog.get_logger()
-
-
-class Exit(enum.IntEnum):
-    """Every exit code of the `memories-ingest` command, as sysexits(3) names them where one fits."""
-
-    OK = 0
-    # probe: the file would be rejected; upload: a file was not uploaded.
-    NOT_UPLOADED = 1
-    USAGE = 2
-    # The ledger cannot be opened, or (check --online) the API cannot be reached.
-    UNAVAILABLE = 69
-    # Another daemon holds this ledger.
-    LEDGER_HELD = 73
-    # The ledger cannot be written: the disk is full, read-only or gone.
-    LEDGER_WRITE = 74
-    # The account refuses uploads (run --once, upload).
-    PAUSED = 75
-    # check --online: the API refused the key.
-    KEY_REFUSED = 77
-    # A bad config, or no usable API key.
-    CONFIG = 78
 
 
 # How long a worker may show no sign of life beyond the longest wait its config allows: room for a slow disk,
@@ -51,17 +35,6 @@ class Exit(enum.IntEnum):
 STALL_MARGIN_SECONDS = 120.0
 # The main loop runs five times a second; this long without it, supervision and the watchdog have stopped.
 MAIN_LOOP_SECONDS = 60.0
-
-
-class Signals:
-    """What the signal handlers ask of the daemon: plain counters that a handler bumps without taking a lock.
-
-    The daemon's main loop reads them several times a second.
-    """
-
-    def __init__(self) -> None:
-        self.stops = 0
-        self.reloads = 0
 
 
 def pause_for_another_ledger(ledger: Ledger, earlier: str) -> str:
@@ -72,31 +45,6 @@ def pause_for_another_ledger(ledger: Ledger, earlier: str) -> str:
     )
     ledger.set_pause(Pause(reason=reason, since=time.time(), until=None, kind="ledger"))
     return reason
-
-
-def stop_on_signals(*numbers: int) -> threading.Event:
-    """An event that is set when one of these signals arrives, for commands that run in the foreground.
-
-    The handlers themselves do nothing, so they take no lock: the interpreter writes each signal's number to a
-    wakeup pipe, and a thread of ours reads it and sets the event.
-    """
-    stop = threading.Event()
-    readable, writable = os.pipe()
-    os.set_blocking(writable, False)
-    signal.set_wakeup_fd(writable, warn_on_full_buffer=False)
-    for number in numbers:
-        signal.signal(number, _nothing)
-
-    def listen() -> None:
-        while os.read(readable, 64):
-            stop.set()
-
-    threading.Thread(target=listen, name="signals", daemon=True).start()
-    return stop
-
-
-def _nothing(signum: int, frame: object) -> None:
-    """A Python handler, so that the signal reaches the wakeup pipe instead of ending the process."""
 
 
 class Daemon:
@@ -141,6 +89,9 @@ class Daemon:
         self.notifier = Notifier()
         self.monitor: MonitorServer | None = None
         if config.monitor.listen:
+            # Loaded only when asked for: werkzeug is a cost a daemon without a monitor need not pay.
+            from .monitor import MonitorServer
+
             self.monitor = MonitorServer(config, ledger, self.pipeline.metrics, self.health)
         self.progress_seen: dict[str, float] = {}
         for uploader in self.uploaders:

@@ -18,10 +18,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
-
 from .custody import location_problem, set_aside_orphans
-from .schema import BUSY_TIMEOUT_MS, LedgerError, LedgerLocationError, Row, key, migrations
+from .schema import BUSY_TIMEOUT_MS, LedgerError, LedgerLocationError, Row, key
 from .states import State, check
 
 
@@ -43,7 +41,6 @@ class Store:
         self._conn = self._connect(create)
         info = os.stat(self.path)
         self.identity = (info.st_dev, info.st_ino)
-        self.db = Database(self._conn)
         try:
             self._migrate(create)
         except LedgerError:
@@ -62,13 +59,19 @@ class Store:
         A reader (status, list) of a ledger the daemon has not migrated yet reads the columns that are there.
         """
         with self._lock:
-            if not create and not self.db["files"].exists():
-                raise LedgerError(f"the ledger {self.path} is still being made: ask again in a moment")
-            if not create or not migrations.pending(self.db):
+            if not create:
+                made = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'files'")
+                if made.fetchone() is None:
+                    raise LedgerError(f"the ledger {self.path} is still being made: ask again in a moment")
+                return
+            # Here, not at the top: only a writer migrates, and sqlite-utils would cost `status` more than its answer.
+            from . import migrations
+
+            if not migrations.pending(self._conn):
                 return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                migrations.apply(self.db)
+                migrations.apply(self._conn)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._rollback()

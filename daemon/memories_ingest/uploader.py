@@ -25,9 +25,10 @@ from urllib3.util.retry import Retry
 
 from . import api
 from .api import Outcome, classify
-from .config import Folder, keep_secret, key_fingerprint
+from .config import Folder
 from .files import Version, identity_tag
 from .inspector import MediaInfo
+from .keys import keep_secret, key_fingerprint
 from .ledger import Row
 from .pacing import RateLimiter
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from .ledger import Ledger, LedgerLock, Row
-from .pacing import Pace
+from .schema import Pace
 from .states import DELIVERED, FAILED, INDEX_FAILED, PENDING, QUEUED, REJECTED, RETRYING, UNCERTAIN
 
 # What the daemon publishes for `status`, and how often; a heartbeat older than a few of these is a stalled daemon.

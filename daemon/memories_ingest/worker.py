@@ -18,7 +18,7 @@ from .api import Outcome
 from .config import Config, Folder
 from .files import NotRegular, Version, fingerprint, identity_tag, open_beneath, wire_name
 from .ledger import Ledger, LedgerError, Row
-from .monitor import Metrics
+from .metrics import Metrics
 from .pacing import Access, Gate, Pacer, RetryPolicy
 from .uploader import (
     Abandoned,
