@@ -156,7 +156,9 @@ class Daemon:
         log.info("started", folders=len(self.config.folders), once=self.once, workers=len(self.uploaders))
         self.notifier.ready(self.status_summary() or "started")
         code = Exit.OK
-        while not self.events.stop.wait(0.2) and not self.signals.stops:
+        # Once, the loop's only job is to notice the end: a shorter turn ends `run --once` that much sooner.
+        turn = 0.05 if self.once else 0.2
+        while not self.events.stop.wait(turn) and not self.signals.stops:
             self.main_loop_at = time.monotonic()
             gone = self.ledger.gone()
             if gone is not None:
