@@ -37,7 +37,7 @@ def bench_idle(ctx: Context) -> None:
                 if not proc.wait_for("scanned", timeout=120):
                     raise RuntimeError(f"the daemon did not scan: {proc.tail()}")
                 first_scan = time.monotonic() - proc.started
-                time.sleep(5.0 if mode == "polling" else 2.0)  # the polling observer's first snapshots
+                time.sleep(5.0 if mode == "polling" else 2.0)  # the poller's first passes stay out of the window
                 cpu0, main0, t0 = cpu_now(proc.pid), main_thread_cpu(proc.pid), time.monotonic()
                 time.sleep(window)
                 cpu1, main1, t1 = cpu_now(proc.pid), main_thread_cpu(proc.pid), time.monotonic()

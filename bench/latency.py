@@ -41,11 +41,11 @@ def bench_latency(ctx: Context) -> None:
             if not proc.wait_for("scanned", timeout=30):
                 raise RuntimeError(f"the {mode} daemon did not start: {proc.tail()}")
             daemons[mode] = (proc, folder)
-        time.sleep(2.5)  # the polling observer's first snapshot
+        time.sleep(2.5)  # the poller's first passes
         sink.stats()
         for number in range(rounds):
             for mode, (proc, folder) in daemons.items():
-                # A random phase, so drops do not lock onto the polling observer's period.
+                # A random phase, so drops do not lock onto the poller's period.
                 time.sleep(random.uniform(0.0, 3.0))
                 before = proc.count("uploaded")
                 path = folder / f"clip{number}.mp4"

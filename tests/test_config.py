@@ -243,7 +243,12 @@ def test_aliases_are_refused_so_a_billion_laughs_costs_nothing(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("section", "value"),
-    [("upload.rate_per_second", ".inf"), ("watch.settle_seconds", ".nan"), ("watch.rescan_seconds", ".inf")],
+    [
+        ("upload.rate_per_second", ".inf"),
+        ("watch.settle_seconds", ".nan"),
+        ("watch.rescan_seconds", ".inf"),
+        ("watch.poll_seconds", ".inf"),
+    ],
 )
 def test_numbers_that_are_not_finite_are_refused(tmp_path: Path, section: str, value: str) -> None:
     group, name = section.split(".")
@@ -251,6 +256,18 @@ def test_numbers_that_are_not_finite_are_refused(tmp_path: Path, section: str, v
     with pytest.raises(ConfigError) as caught:
         load(path)
     assert f"{section}: " in str(caught.value) and "is not a finite number" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_poll_interval_must_be_more_than_zero(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"watch: {{poll_seconds: {value}}}\nfolders: [{{path: v}}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert f"watch.poll_seconds: {value} is too small: it must be more than 0" in str(caught.value)
+
+
+def test_the_poll_interval_defaults_to_two_seconds(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "folders: [{path: v}]\n")).watch.poll_seconds == 2.0
 
 
 def check(config: Path, *args: str, key: str | None = "sk-example") -> subprocess.CompletedProcess[str]:

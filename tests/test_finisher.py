@@ -19,8 +19,9 @@ from memories_ingest.files import Version, fingerprint
 from memories_ingest.finisher import Finisher
 from memories_ingest.ledger import Ledger, Row
 from memories_ingest.pacing import RetryPolicy
+from memories_ingest.recorder import Recorder
 from memories_ingest.states import PENDING, UPLOADED
-from memories_ingest.watcher import Recorder, Watcher
+from memories_ingest.watcher import Watcher
 
 from conftest import wait_until
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -20,16 +21,12 @@ import memories_ingest.mounts as mounts_module
 from memories_ingest.config import Folder, parse
 from memories_ingest.ledger import Ledger
 from memories_ingest.mounts import read_mountinfo
+from memories_ingest.poller import Poller
+from memories_ingest.recorder import Recorder, walk
 from memories_ingest.scanner import Scanner
-from memories_ingest.watcher import (
-    INOTIFY,
-    POLLING,
-    Recorder,
-    Watch,
-    Watcher,
-    walk,
-    watch_mode,
-)
+from memories_ingest.settler import Settler
+from memories_ingest.watcher import INOTIFY, POLLING, Watch, Watcher, watch_mode
+from memories_ingest.worker import Events
 
 from conftest import SAMPLE_MOUNTINFO, wait_until
 
@@ -51,7 +48,7 @@ class Harness:
         self.config = parse(
             {
                 "ledger": str(tmp_path / "ledger.db"),
-                "watch": {"settle_seconds": 0, "rescan_seconds": 60, **(watch or {})},
+                "watch": {"settle_seconds": 0, "rescan_seconds": 60, "poll_seconds": FAST_POLL, **(watch or {})},
                 "folders": [{"path": str(self.folder), "unique_id": "cams", "recursive": True}],
             },
             tmp_path / "c.yaml",
@@ -60,7 +57,7 @@ class Harness:
         self.recorder = recorder_class(self.config, self.ledger, threading.Event())
         self.requests: list[Path | None] = []
         self.stop = threading.Event()
-        self.watcher = watcher_class(self.config, self.recorder, self.request, poll_seconds=FAST_POLL)
+        self.watcher = watcher_class(self.config, self.recorder, self.request)
         self.scanner = Scanner(stop=self.stop, config=self.config, recorder=self.recorder, watcher=self.watcher)
         self.thread = threading.Thread(target=self.scanner.run, name="scanner-under-test", daemon=True)
 
@@ -183,17 +180,17 @@ def test_a_queue_overflow_rescans_what_the_events_missed(harness: Callable[..., 
     assert run.watcher.health() == []
 
 
-@pytest.mark.parametrize("dies", ["observer", "reader"])
-def test_a_dead_observer_is_restarted(harness: Callable[..., Harness], dies: str) -> None:
-    run = harness().start()
-    dead = run.watcher.observers[INOTIFY]
-    thread = dead if dies == "observer" else reader(run.watcher)
+@pytest.mark.parametrize(("mode", "dies"), [(INOTIFY, "observer"), (INOTIFY, "reader"), (POLLING, "poller")])
+def test_a_dead_observer_is_restarted(harness: Callable[..., Harness], mode: str, dies: str) -> None:
+    run = harness(watch={"polling": mode == POLLING}).start()
+    dead = run.watcher.observers[mode]
+    thread = reader(run.watcher) if dies == "reader" else dead
     thread.stop()
     thread.join(timeout=5)
-    assert "the inotify observer is not running" in run.watcher.health()
+    assert f"the {mode} observer is not running" in run.watcher.health()
 
     run.watcher.supervise()
-    assert run.watcher.observers[INOTIFY] is not dead and run.watcher.observers[INOTIFY].is_alive()
+    assert run.watcher.observers[mode] is not dead and run.watcher.observers[mode].is_alive()
     assert None in run.requests
     wait_until(lambda: run.watcher.health() == [], 10, "the folder to be watched again")
     after = write(run.folder / "after.mp4")
@@ -408,3 +405,106 @@ def test_directories_created_full_or_moved_in_whole_have_every_file_found(
     written = [write(burst / f"{n}.mp4") for n in range(20)]
 
     run.wait_recorded(*(run.folder / name for name in deep + copied), *written)
+
+
+def test_a_polled_folder_records_files_written_renamed_in_and_in_new_directories(
+    harness: Callable[..., Harness],
+) -> None:
+    run = harness(watch={"polling": True}).start()
+    written = write(run.folder / "written.mp4")
+    write(run.folder / "renamed.mp4.part").rename(run.folder / "renamed.mp4")
+    nested = write(run.folder / "new" / "deeper" / "nested.mp4")
+    run.wait_recorded(written, run.folder / "renamed.mp4", nested)
+    assert run.folder / "renamed.mp4.part" not in run.recorded_paths()
+
+
+def test_a_file_appended_to_after_it_was_recorded_has_its_new_size_noticed(harness: Callable[..., Harness]) -> None:
+    run = harness(watch={"polling": True, "settle_seconds": 600}).start()
+    events = Events.create(stop=run.stop, abandon=threading.Event())
+    settler = Settler(config=run.config, ledger=run.ledger, events=events, clock=run.ledger.clock)
+    threading.Thread(target=settler.run, name="settler-under-test", daemon=True).start()
+    growing = write(run.folder / "growing.mp4", b"first part")
+    run.wait_recorded(growing)
+    with open(growing, "ab") as file:
+        file.write(b", and the rest")
+
+    def size() -> int | None:
+        row = run.ledger.get(growing)
+        return None if row is None else row.size
+
+    wait_until(lambda: size() == growing.stat().st_size, 10, "the appended size to reach the ledger")
+
+
+def poller_over(run: Harness, directories: int) -> Poller:
+    """A poller, not started, over a folder of directories with a recorded file each, their mtimes a minute old."""
+    for number in range(directories):
+        write(run.folder / f"d{number:03d}" / "old.mp4")
+    run.recorder.scan(run.config.folders[0])
+    for path in [run.folder, *run.folder.iterdir()]:
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 60 * 10**9))
+    poller = Poller(run.recorder, run.request, FAST_POLL)
+    poller.schedule(run.config.folders[0])
+    return poller
+
+
+def test_an_idle_pass_lists_no_directory_whose_mtime_did_not_change(harness: Callable[..., Harness]) -> None:
+    run = harness(watch={"polling": True})
+    poller = poller_over(run, 100)
+    recorded = run.recorded_paths()
+    assert [poller.poll() for _ in range(3)] == [0, 0, 0]
+
+    arrived = write(run.folder / "d050" / "arrived.mp4")
+    assert poller.poll() == 1
+    assert run.recorded_paths() == recorded | {arrived}
+
+
+def test_a_name_added_within_the_mtime_tick_of_a_listing_is_found_at_the_next_pass(
+    harness: Callable[..., Harness],
+) -> None:
+    run = harness(watch={"polling": True})
+    poller = poller_over(run, 1)
+    directory = run.folder / "d000"
+    first = write(directory / "first.mp4")
+    # An mtime no listing can prove a whole tick old, however slow this machine: as if the server's clock ran ahead.
+    tick = time.time_ns() + 3600 * 10**9
+    os.utime(directory, ns=(directory.stat().st_atime_ns, tick))
+    assert poller.poll() == 1
+    assert first in run.recorded_paths()
+    late = write(directory / "late.mp4")
+    # What a filesystem that keeps mtimes to the second does when both names arrive within one second.
+    os.utime(directory, ns=(directory.stat().st_atime_ns, tick))
+    poller.poll()
+    assert late in run.recorded_paths()
+
+
+def test_a_directory_renamed_or_deleted_is_forgotten_and_found_again_where_it_is(
+    harness: Callable[..., Harness],
+) -> None:
+    run = harness(watch={"polling": True})
+    poller = poller_over(run, 3)
+    polled = poller.folders[run.folder]
+    known = set(polled.directories)
+
+    (run.folder / "d001").rename(run.folder / "d001-renamed")
+    shutil.rmtree(run.folder / "d002")
+    poller.poll()
+    assert run.folder / "d001-renamed" / "old.mp4" in run.recorded_paths()
+    assert set(polled.directories) == known - {str(run.folder / "d001"), str(run.folder / "d002")} | {
+        str(run.folder / "d001-renamed")
+    }
+
+    back = write(run.folder / "d002" / "sub" / "back.mp4")
+    poller.poll()
+    assert back in run.recorded_paths()
+
+
+def test_a_subdirectory_deleted_and_recreated_with_files_is_polled_again(harness: Callable[..., Harness]) -> None:
+    run = harness(watch={"polling": True}).start()
+    first = write(run.folder / "cam" / "first.mp4")
+    run.wait_recorded(first)
+    shutil.rmtree(run.folder / "cam")
+    again = [write(run.folder / "cam" / "again.mp4"), write(run.folder / "cam" / "day" / "deeper.mp4")]
+    run.wait_recorded(*again)
+    later = write(run.folder / "cam" / "day" / "later.mp4")
+    run.wait_recorded(later)
+    assert run.watcher.health() == []

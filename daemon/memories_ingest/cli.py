@@ -95,20 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _daemon_commands(subcommands: Subcommands, common: argparse.ArgumentParser) -> None:
-    """The daemon itself, and the checks before it runs."""
+    """The daemon itself."""
     run = subcommands.add_parser("run", parents=[common], help="watch and upload until SIGTERM or SIGINT")
     run.add_argument("--once", action="store_true", help="process what is there now, then exit")
     run.set_defaults(handler="runner.cmd_run")
-
-    check = subcommands.add_parser(
-        "check", parents=[common], help="validate the config, the ledger's place and the key, then exit"
-    )
-    check.add_argument(
-        "--online",
-        action="store_true",
-        help="also ask the API, read-only, whether the key works (one list_videos call; never an upload)",
-    )
-    check.set_defaults(handler="runner.cmd_check")
 
 
 def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -120,14 +110,14 @@ def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
     status.set_defaults(handler="commands.cmd_status")
 
     listing = subcommands.add_parser("list", parents=[common], help="the ledger's rows")
-    listing.add_argument("--state", choices=STATES)
+    listing.add_argument("--state", choices=[state.value for state in STATES])
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler="commands.cmd_list")
 
     retry = subcommands.add_parser(
         "retry", parents=[common], help="put files back in the queue; each is validated again, then uploaded"
     )
-    retry.add_argument("--state", choices=RETRYABLE, help="every file in this state")
+    retry.add_argument("--state", choices=[state.value for state in RETRYABLE], help="every file in this state")
     retry.add_argument("--all-failed", action="store_true", help="every failed file (the same as --state failed)")
     retry.add_argument("paths", nargs="*", metavar="PATH", help="these files; each is told what was done, and why")
     retry.set_defaults(handler="commands.cmd_retry")
@@ -155,7 +145,17 @@ def _ledger_commands(subcommands: Subcommands, common: argparse.ArgumentParser) 
 
 
 def _tool_commands(subcommands: Subcommands, common: argparse.ArgumentParser) -> None:
-    """Trying things out: one file's verdict, the API's emulator, the demo."""
+    """Checking and trying things out: the config and the key, one file's verdict, the API's emulator, the demo."""
+    check = subcommands.add_parser(
+        "check", parents=[common], help="validate the config, the ledger's place and the key, then exit"
+    )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask the API, read-only, whether the key works (one list_videos call; never an upload)",
+    )
+    check.set_defaults(handler="runner.cmd_check")
+
     probing = subcommands.add_parser("probe", parents=[common], help="what validation says about one file")
     probing.add_argument("file")
     probing.add_argument("--require-audio", action="store_true")

@@ -104,6 +104,7 @@ class ApiSection(_Strict):
 class WatchSection(_Strict):
     settle_seconds: float = Field(5.0, ge=0)
     rescan_seconds: float = Field(300.0, gt=0)
+    poll_seconds: float = Field(2.0, gt=0)
     polling: Annotated[bool | Literal["auto"], BeforeValidator(_polling)] = "auto"
     follow_symlinks: bool = False
     hardlinks: Literal["upload", "reject"] = "upload"

@@ -9,7 +9,7 @@ class Exit(enum.IntEnum):
     """Every exit code of the `memories-ingest` command, as sysexits(3) names them where one fits."""
 
     OK = 0
-    # probe: the file would be rejected; upload: a file was not uploaded.
+    # probe: the file would be rejected; upload: a file was not uploaded; demo: the sample did not arrive.
     NOT_UPLOADED = 1
     USAGE = 2
     # The ledger cannot be opened, or (check --online) the API cannot be reached.

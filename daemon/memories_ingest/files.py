@@ -131,3 +131,13 @@ def open_beneath(root: Path, path: Path, *, follow_symlinks: bool = False) -> It
         yield fd, status
     finally:
         os.close(fd)
+
+
+def symlink_between(top: Path, path: Path) -> bool:
+    """Whether a step from top down to path (path included, top not) is a symlink."""
+    current = top
+    for part in path.relative_to(top).parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False

@@ -132,6 +132,17 @@ class Ledger(UploadQueue):
         )
         return {r["path"]: (Version(r["size"], r["mtime_ns"], r["inode"], r["ctime_ns"]), r["state"]) for r in rows}
 
+    def known_in(self, directory: Path | str) -> dict[bytes, tuple[int, str]]:
+        """The inode and state of every row for a file directly in a directory, keyed by raw path."""
+        prefix = key(directory).rstrip(b"/") + b"/"
+        # The range of paths under the directory, read off the path index ("0" is the byte after "/"); rows in
+        # its subdirectories are left in SQLite.
+        rows = self._read(
+            "SELECT path, inode, state FROM files WHERE path > ? AND path < ? AND instr(substr(path, ?), ?) = 0",
+            [prefix, prefix[:-1] + b"0", len(prefix) + 1, b"/"],
+        )
+        return {r["path"]: (r["inode"], r["state"]) for r in rows}
+
     # -- settling and validation ----------------------------------------------------------------------------
 
     def pending(self) -> list[Row]:

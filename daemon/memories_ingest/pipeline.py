@@ -11,10 +11,11 @@ from .indexer import CallbackListener, Indexer, callback_token, callback_url
 from .ledger import Ledger
 from .metrics import Metrics
 from .pacing import Gate, Pacer, RetryPolicy
+from .recorder import Recorder
 from .scanner import Scanner
 from .settler import Settler
 from .uploader import Client
-from .watcher import Recorder, Watcher
+from .watcher import Watcher
 from .worker import Events, UploadWorker, Worker
 
 

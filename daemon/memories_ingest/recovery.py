@@ -21,9 +21,9 @@ from . import api, probe
 from .config import Config, Folder
 from .files import NotRegular, Version, fingerprint, identity_tag, open_beneath
 from .ledger import Ledger
+from .recorder import walk
 from .states import DELIVERED
 from .uploader import Client, ListedVideo
-from .watcher import walk
 
 log = structlog.get_logger()
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import structlog
 
 from .config import Config
-from .watcher import Recorder, Watcher
+from .recorder import Recorder
+from .watcher import Watcher
 from .worker import Worker
 
 log = structlog.get_logger()

@@ -1,4 +1,4 @@
-"""The running daemon: builds every worker, starts and supervises them, and stops them warm or cold."""
+"""The running daemon: starts the workers pipeline.build made, supervises them, and stops them warm or cold."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ log = structlog.get_logger()
 # How long a worker may show no sign of life beyond the longest wait its config allows: room for a slow disk,
 # a ledger busy in another process, a loaded host.
 STALL_MARGIN_SECONDS = 120.0
-# The main loop runs five times a second; this long without it, supervision and the watchdog have stopped.
+# The main loop turns several times a second; this long without it, supervision and the watchdog have stopped.
 MAIN_LOOP_SECONDS = 60.0
 
 

@@ -1,7 +1,7 @@
-"""Seeing files arrive: watchdog observers for the moment they appear, and a full scan to reconcile.
+"""Seeing files arrive: watchdog's inotify observer or the poller for the moment they appear, and a full scan.
 
-Event handlers only record a row and return. Everything slow (settling, probing, uploading) happens in the
-workers, so a burst of events never backs up the observer's queue.
+Event handlers and the poller only record a row and return. Everything slow (settling, probing, uploading)
+happens in the workers, so a burst of events never backs up the observer's queue.
 
 Watching must never go silent. Each folder is watched by inotify, or polled where inotify cannot see (network
 filesystems), where the config says so, or where the kernel's inotify limits are reached. Whenever events may
@@ -12,106 +12,32 @@ for a rescan rather than trusting what it saw.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import queue
-import re
 import stat
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
-from watchdog.observers.polling import PollingEmitter
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, ObservedWatch
 
-from .api import VIDEO_EXTENSIONS
 from .config import Config, Folder
-from .files import Version
-from .ledger import Ledger
+from .files import symlink_between
 from .mounts import NETWORK_FILESYSTEMS, mount_for, parse_mountinfo, read_mountinfo
-from .states import GONE, PENDING, QUEUED, RETRYING
+from .poller import Poller
+from .recorder import Recorder
 
 log = structlog.get_logger()
 
-IGNORED_PATTERNS = ("*.part", "*.tmp", "*.crdownload", "~*", "*~", ".*")
-
 INOTIFY = "inotify"
 POLLING = "polling"
-POLL_SECONDS = 3.0
-# A tree that takes long to list is polled less often, so polling never keeps a disk or a share busy.
-POLL_BUSY_RATIO = 4.0
 INOTIFY_LIMITS = (errno.ENOSPC, errno.EMFILE)
 INOTIFY_SYSCTLS = Path("/proc/sys/fs/inotify")
-
-
-_IGNORED = re.compile("|".join(fnmatch.translate(pattern) for pattern in IGNORED_PATTERNS))
-
-
-def is_ignored_name(name: str) -> bool:
-    """Hidden files and the names that downloaders, editors and copy tools give unfinished files."""
-    return _IGNORED.match(name.lower()) is not None
-
-
-def is_video_name(name: str) -> bool:
-    """Rows are for videos: a camera's thumbnails, sidecars and notes are not recorded at all."""
-    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
-
-
-def symlink_between(top: Path, path: Path) -> bool:
-    """Whether a step from top down to path (path included, top not) is a symlink."""
-    current = top
-    for part in path.relative_to(top).parts:
-        current = current / part
-        if current.is_symlink():
-            return True
-    return False
-
-
-def walk(
-    folder: Folder, root: Path | None = None, *, follow_symlinks: bool = False
-) -> Iterator[tuple[str, os.stat_result]]:
-    """Every regular file under root (the whole folder by default), without opening a file.
-
-    A symlinked file is never followed. A symlinked directory is followed only with follow_symlinks, and each
-    directory is listed once, so a link (or a bind mount) back up the tree cannot loop.
-    """
-    top = root or folder.path
-    if not follow_symlinks and top != folder.path and symlink_between(folder.path, top):
-        return
-    try:
-        info = os.stat(top)
-    except OSError as error:
-        log.warning("cannot list a directory", path=str(top), error=error.strerror)
-        return
-    visited = {(info.st_dev, info.st_ino)}
-    pending = [str(top)]
-    while pending:
-        directory = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError as error:
-            log.warning("cannot list a directory", path=directory, error=error.strerror)
-            continue
-        for entry in entries:
-            if is_ignored_name(entry.name):
-                continue
-            try:
-                info = entry.stat(follow_symlinks=False)
-                if follow_symlinks and folder.recursive and stat.S_ISLNK(info.st_mode):
-                    info = os.stat(entry.path)
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode) and not entry.is_symlink():
-                yield entry.path, info
-            elif stat.S_ISDIR(info.st_mode) and folder.recursive and (info.st_dev, info.st_ino) not in visited:
-                visited.add((info.st_dev, info.st_ino))
-                pending.append(entry.path)
 
 
 def watch_mode(path: Path, polling: bool | str, mountinfo: bytes) -> tuple[str, str]:
@@ -135,59 +61,6 @@ def raise_limit_command(name: str, floor: int) -> str:
     except (OSError, ValueError):
         current = 0
     return f"sysctl fs.inotify.{name}={max(floor, current * 2)} (and the same in /etc/sysctl.d/ to keep it)"
-
-
-class Recorder:
-    """Puts what the watcher and the scanner see into the ledger, and wakes the settler."""
-
-    def __init__(self, config: Config, ledger: Ledger, wake: threading.Event) -> None:
-        self.config = config
-        self.ledger = ledger
-        self.wake = wake
-        # Per folder, how many files without a video extension its last full scan passed over.
-        self.ignored: dict[Path, int] = {}
-
-    def record(self, path: Path, info: os.stat_result | None = None, folder: Folder | None = None) -> bool:
-        folder = folder or self.config.folder_for(path)
-        if folder is None or is_ignored_name(path.name) or not is_video_name(path.name):
-            return False
-        if info is None:
-            try:
-                info = os.stat(path, follow_symlinks=False)
-            except OSError:
-                return False
-            if not stat.S_ISREG(info.st_mode):
-                return False
-        changed = self.ledger.record_seen(path, folder.path, folder.unique_id, Version.of(info))
-        if changed:
-            self.wake.set()
-        return changed
-
-    def scan(self, folder: Folder, root: Path | None = None) -> int:
-        """Reconcile a folder, or one directory in it, with the ledger; returns how many files were new or changed."""
-        known = self.ledger.known(folder.path)
-        changed = ignored = 0
-        for path, info in walk(folder, root, follow_symlinks=self.config.watch.follow_symlinks):
-            if not is_video_name(path):
-                ignored += 1
-                continue
-            found = known.pop(os.fsencode(path), None)
-            if found is not None and found[0] == Version.of(info) and found[1] != GONE:
-                continue
-            if self.record(Path(path), info, folder):
-                changed += 1
-        if root in (None, folder.path) and folder.path.is_dir():
-            self.ignored[folder.path] = ignored
-            self._forget_missing(known)
-        return changed
-
-    def _forget_missing(self, missing: dict[bytes, tuple[Version, str]]) -> None:
-        for key, (_, state) in missing.items():
-            if state in (PENDING, QUEUED, RETRYING):
-                row = self.ledger.get(os.fsdecode(key))
-                if row is not None and row.state == state:
-                    self.ledger.mark_gone(row.id)
-                    log.info("file gone before upload", path=str(row.path), unique_id=row.unique_id, state=GONE)
 
 
 class _Handler(FileSystemEventHandler):
@@ -223,27 +96,6 @@ class _Handler(FileSystemEventHandler):
             self.recorder.record(path, folder=self.folder)
         elif self.folder.recursive and kind in ("created", "moved"):
             self.rescan(path)
-
-
-class _PollingEmitter(PollingEmitter):
-    """Lists with lstat, so a symlinked directory is never entered, and polls a slow tree less often."""
-
-    def __init__(
-        self,
-        event_queue: EventQueue,
-        watch: ObservedWatch,
-        *,
-        timeout: float,
-        event_filter: list[type[FileSystemEvent]] | None = None,
-    ) -> None:
-        super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter, stat=os.lstat)
-        self.interval = timeout
-
-    def queue_events(self, timeout: float) -> None:
-        started = time.monotonic()
-        super().queue_events(self.interval)
-        listing = time.monotonic() - started - self.interval
-        self.interval = max(timeout, listing * POLL_BUSY_RATIO)
 
 
 if sys.platform == "linux":
@@ -296,7 +148,7 @@ if sys.platform == "linux":
             self.reader.join()
 
 
-def _running(observer: BaseObserver) -> bool:
+def _running(observer: BaseObserver | Poller) -> bool:
     if sys.platform == "linux" and isinstance(observer, _InotifyObserver):
         return observer.is_alive() and observer.reader.is_alive()
     return observer.is_alive()
@@ -308,12 +160,22 @@ class Watch:
 
     folder: Folder
     mode: str
-    observer: BaseObserver
-    observed: ObservedWatch
+    observer: BaseObserver | Poller
+    # watchdog's name for the watch; None on the poller, which knows its folders by path.
+    observed: ObservedWatch | None
     identity: tuple[int, int]
 
     def running(self) -> bool:
+        if isinstance(self.observer, Poller):
+            return self.observer.polls(self.folder.path)
         return any(emitter.watch == self.observed and emitter.is_alive() for emitter in list(self.observer.emitters))
+
+    def cancel(self) -> None:
+        """Stop watching; raises KeyError when the observer no longer has the watch."""
+        if isinstance(self.observer, Poller):
+            self.observer.unschedule(self.folder.path)
+        elif self.observed is not None:
+            self.observer.unschedule(self.observed)
 
 
 class Watcher:
@@ -325,19 +187,11 @@ class Watcher:
     stopped, and asks for the rescans that catch up. health() says what is wrong, if anything.
     """
 
-    def __init__(
-        self,
-        config: Config,
-        recorder: Recorder,
-        rescan: Callable[[Path | None], None],
-        *,
-        poll_seconds: float = POLL_SECONDS,
-    ) -> None:
+    def __init__(self, config: Config, recorder: Recorder, rescan: Callable[[Path | None], None]) -> None:
         self.config = config
         self.recorder = recorder
         self.rescan = rescan
-        self.poll_seconds = poll_seconds
-        self.observers: dict[str, BaseObserver] = {}
+        self.observers: dict[str, BaseObserver | Poller] = {}
         self.watches: dict[Path, Watch] = {}
         # Why each watched folder is watched the way it is, for the log and `status`.
         self.reasons: dict[Path, str] = {}
@@ -416,15 +270,18 @@ class Watcher:
     def add_watch(self, folder: Folder, mode: str, identity: tuple[int, int]) -> Watch:
         """Schedule a folder on the observer for mode; raises OSError when the kernel refuses."""
         observer = self._observer(mode)
+        if isinstance(observer, Poller):
+            observer.schedule(folder)
+            return Watch(folder, mode, observer, None, identity)
         handler = _Handler(self.recorder, folder, self.rescan, self.config.watch.follow_symlinks)
         observed = observer.schedule(handler, str(folder.path), recursive=folder.recursive)
         return Watch(folder, mode, observer, observed, identity)
 
-    def _observer(self, mode: str) -> BaseObserver:
+    def _observer(self, mode: str) -> BaseObserver | Poller:
         observer = self.observers.get(mode)
         if observer is None:
             if mode == POLLING:
-                observer = BaseObserver(_PollingEmitter, timeout=self.poll_seconds)
+                observer = Poller(self.recorder, self.rescan, self.config.watch.poll_seconds)
             elif sys.platform == "linux":
                 observer = _InotifyObserver(self._inotify_overflowed)
             else:
@@ -486,7 +343,7 @@ class Watcher:
     def _unwatch(self, watch: Watch) -> None:
         self.watches.pop(watch.folder.path, None)
         try:
-            watch.observer.unschedule(watch.observed)
+            watch.cancel()
         except KeyError:
             return
         except Exception:
