@@ -355,3 +355,16 @@ def test_what_an_idle_daemon_asks_often_does_not_read_every_delivered_row(ledger
         ledger.requeue_orphans,
     ):
         assert sqlite_steps(ledger, ask) * 100 < whole_table
+
+
+def test_a_verdict_on_a_row_another_process_moved_on_meanwhile_leaves_it_alone(ledger: Ledger) -> None:
+    seen(ledger, "a.mp4")
+    queue(ledger, "a.mp4")
+    # The settler saw the row pending; meanwhile `upload` in another process queued and claimed it.
+    assert ledger.claim([FOLDER]) is not None
+    row = ledger.get(FOLDER / "a.mp4")
+    assert row is not None
+    ledger.mark_rejected(row.id, "probed too late", only_from=(PENDING,))
+    ledger.mark_gone(row.id, only_from=(PENDING,))
+    after = ledger.get(FOLDER / "a.mp4")
+    assert after is not None and after.state == UPLOADING and after.error is None

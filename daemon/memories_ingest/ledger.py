@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -215,11 +215,18 @@ class Ledger(UploadQueue):
                 only_from=(PENDING,),
             )
 
-    def mark_rejected(self, row_id: int, reason: str) -> None:
-        self._finish(row_id, REJECTED, reason)
+    def mark_rejected(self, row_id: int, reason: str, *, only_from: Collection[str] | None = None) -> None:
+        """only_from: the states the caller saw; a row another process moved on meanwhile is left alone."""
+        self._finish(row_id, REJECTED, reason, only_from=only_from)
 
-    def mark_gone(self, row_id: int, reason: str = "the file was deleted before it was uploaded") -> None:
-        self._finish(row_id, GONE, reason)
+    def mark_gone(
+        self,
+        row_id: int,
+        reason: str = "the file was deleted before it was uploaded",
+        *,
+        only_from: Collection[str] | None = None,
+    ) -> None:
+        self._finish(row_id, GONE, reason, only_from=only_from)
 
     def record_rebuilt(
         self, path: Path, folder: Folder, version: Version, content: str, video_no: str, note: str

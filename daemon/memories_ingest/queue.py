@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from .custody import process_alive, this_process
@@ -171,7 +171,9 @@ class UploadQueue(Store):
                 [now, now],
             )
 
-    def _finish(self, row_id: int, state: State, reason: str | None) -> None:
+    def _finish(
+        self, row_id: int, state: State, reason: str | None, *, only_from: Collection[str] | None = None
+    ) -> None:
         now = self.clock()
         with self._write() as conn:
             self._move(
@@ -181,6 +183,7 @@ class UploadQueue(Store):
                 "prior_state = NULL, error = ?, next_attempt_at = NULL, claimed_by = NULL, updated_at = ?,"
                 " sent_at = CASE WHEN ? THEN NULL ELSE sent_at END",
                 [reason and redact(reason), now, state == FAILED],
+                only_from=only_from,
             )
 
     def requeue_orphans(self) -> int:

@@ -113,5 +113,5 @@ class Recorder:
             if state in (PENDING, QUEUED, RETRYING):
                 row = self.ledger.get(os.fsdecode(key))
                 if row is not None and row.state == state:
-                    self.ledger.mark_gone(row.id)
+                    self.ledger.mark_gone(row.id, only_from=(state,))
                     log.info("file gone before upload", path=str(row.path), unique_id=row.unique_id, state=GONE)

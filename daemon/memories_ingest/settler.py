@@ -13,6 +13,7 @@ from .config import Config, Folder
 from .files import NotRegular, Version, fingerprint, open_beneath
 from .ledger import Ledger, Row
 from .pacing import RetryPolicy
+from .states import PENDING
 from .worker import Events, Worker
 
 log = structlog.get_logger()
@@ -71,7 +72,7 @@ class Settler(Worker):
         try:
             info = os.stat(row.path, follow_symlinks=False)
         except FileNotFoundError:
-            self.ledger.mark_gone(row.id)
+            self.ledger.mark_gone(row.id, only_from=(PENDING,))
             log.info(
                 "file gone before upload",
                 path=str(row.path),
@@ -122,7 +123,7 @@ class Settler(Worker):
                 )
                 content = fingerprint(fd, info.st_size)
         except FileNotFoundError:
-            self.ledger.mark_gone(row.id)
+            self.ledger.mark_gone(row.id, only_from=(PENDING,))
             return
         except (probe.Rejection, NotRegular) as rejection:
             if self.stop.is_set():
@@ -173,7 +174,7 @@ class Settler(Worker):
                 )
 
     def _reject(self, row: Row, reason: str) -> None:
-        self.ledger.mark_rejected(row.id, reason)
+        self.ledger.mark_rejected(row.id, reason, only_from=(PENDING,))
         log.warning(
             "rejected",
             path=str(row.path),
