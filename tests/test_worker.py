@@ -227,8 +227,11 @@ def test_requests_never_exceed_the_configured_rate_while_retrying(pipeline: Buil
         run.wait_state(tmp_path / "watched" / f"v{n}.mp4", UPLOADED, timeout=60)
     arrivals = sorted(r.arrived_at for r in run.sandbox.requests())
     assert len(arrivals) == 12, "8 uploads and 4 retries, each paced"
-    # Each slot is 1/rate plus a margin; the tolerance only absorbs the sandbox's own scheduling on a busy host.
-    assert min(later - earlier for earlier, later in itertools.pairwise(arrivals)) >= 0.95 / 5
+    # Three uploaders and four retries without a shared pace would arrive together, a few milliseconds apart.
+    # The arrival times are the sandbox's, taken by a thread that a busy host may schedule late by tens of
+    # milliseconds, so half an interval is the bound here; the exact spacing is proven with an injected clock in
+    # test_pacing.py, and over 1,000 real requests by bench/pacing.py.
+    assert min(later - earlier for earlier, later in itertools.pairwise(arrivals)) >= 0.5 / 5
 
 
 @pytest.mark.parametrize("sandbox", DIALECTS, indirect=True)
