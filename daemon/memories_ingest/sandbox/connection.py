@@ -7,9 +7,41 @@ import socket
 import struct
 import threading
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from werkzeug.serving import WSGIRequestHandler
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+
+# Linux's value: Python's socket module does not name it.
+SO_TIMESTAMPNS = 35
+# Where the WSGI app finds the moment a request's first byte reached this host.
+FIRST_BYTE_KEY = "sandbox.first_byte_at"
+
+
+def stamp_arrivals(server_socket: socket.socket) -> None:
+    """Have the kernel stamp each byte as it arrives; accepted connections inherit it."""
+    with contextlib.suppress(OSError):
+        server_socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+def first_byte_at(connection: socket.socket) -> float | None:
+    """When the next request's first byte reached this host, on the time.monotonic() clock; None if unknown.
+
+    The kernel's stamp, not the moment a thread got round to it: on a busy host a handler thread may run tens
+    of milliseconds late, and the rate window must count what arrived when, as the real server does.
+    """
+    try:
+        data, ancillary, _, _ = connection.recvmsg(1, socket.CMSG_SPACE(16), socket.MSG_PEEK)
+    except OSError:
+        return None
+    for level, kind, payload in ancillary:
+        if data and level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", payload[:16])
+            stamped: float = seconds + nanoseconds / 1e9
+            return time.monotonic() - (time.time() - stamped)
+    return None
 
 
 class AbortConnection(BaseException):
@@ -27,6 +59,15 @@ def request_handler(connections: set[socket.socket], lock: threading.Lock) -> ty
             with lock:
                 connections.discard(self.connection)
             super().finish()
+
+        def handle_one_request(self) -> None:
+            self.first_byte_at = first_byte_at(self.connection)
+            super().handle_one_request()
+
+        def make_environ(self) -> WSGIEnvironment:
+            environ = super().make_environ()
+            environ[FIRST_BYTE_KEY] = self.first_byte_at
+            return environ
 
         def run_wsgi(self) -> None:
             try:

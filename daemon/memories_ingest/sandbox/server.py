@@ -28,7 +28,7 @@ from werkzeug.wsgi import get_content_length, get_input_stream
 
 from .. import api
 from .codes import CODES
-from .connection import AbortConnection, Trickle, request_handler
+from .connection import FIRST_BYTE_KEY, AbortConnection, Trickle, request_handler, stamp_arrivals
 from .form import Fields, FilePart, InvalidUpload, drain, parse_form, positive_int, read_at_most, upload_problem
 from .listing import list_entry, matches
 from .records import Answer, Fault, Headers, ReceivedVideo, RequestRecord, SlidingWindow, StoredVideo
@@ -127,6 +127,7 @@ class Sandbox:
         self._stopping.clear()
         handler = request_handler(self._connections, self._connections_lock)
         self._server = make_server(self._host, self._port, self._wsgi_app, threaded=True, request_handler=handler)
+        stamp_arrivals(self._server.socket)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="sandbox", daemon=True
         )
@@ -225,7 +226,7 @@ class Sandbox:
         return Answer(status, str(wire_code), body, headers=headers)
 
     def _wsgi_app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        arrived_at = time.monotonic()
+        arrived_at = environ.get(FIRST_BYTE_KEY) or time.monotonic()
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         answer: Answer | None
         try:
