@@ -12,7 +12,7 @@ import time
 
 from .measure import med
 from .report import Row, listing, met, ratio, say, seconds
-from .rig import Context, child_env, counts, daemon_argv, write_config
+from .rig import Context, child_env, counts, daemon_argv, tree_run
 
 # The targets, as multiples of a bare interpreter's start.
 HELP_TARGET = 6.0
@@ -27,11 +27,7 @@ def wall(argv: list[str]) -> float:
 
 def bench_commands(ctx: Context) -> None:
     tree, template = ctx.tree()
-    base = ctx.work / "commands"
-    base.mkdir(exist_ok=True)
-    ledger = base / "ledger.db"
-    shutil.copyfile(template, ledger)
-    config = write_config(base / "config.yaml", base_url="http://127.0.0.1:9", folder=tree, ledger=ledger)
+    config = tree_run(ctx.work / "commands", tree, template)
     command = daemon_argv(config, once=False)[:-3]
     cases = {
         "python3 -c pass": [sys.executable, "-c", "pass"],

@@ -7,7 +7,7 @@ import time
 
 from .measure import Proc, cpu_now, main_thread_cpu, med
 from .report import Row, listing, met, mib, percent, ratio, say
-from .rig import Context, check_untouched, child_env, counts, daemon_argv, write_config
+from .rig import Context, check_untouched, child_env, counts, daemon_argv, tree_run
 
 
 def bench_idle(ctx: Context) -> None:
@@ -21,17 +21,8 @@ def bench_idle(ctx: Context) -> None:
         for mode in results:
             say(f"idle round {number + 1}/{ctx.rounds}, {mode}: {window:g} s")
             base = ctx.work / f"idle-{mode}-{number}"
-            base.mkdir()
+            config = tree_run(base, tree, template, polling=mode == "polling")
             ledger = base / "ledger.db"
-            shutil.copyfile(template, ledger)
-            config = write_config(
-                base / "config.yaml",
-                base_url="http://127.0.0.1:9",
-                folder=tree,
-                ledger=ledger,
-                recursive=True,
-                polling=mode == "polling",
-            )
             proc = Proc(daemon_argv(config, once=False), env=child_env(), log=True)
             try:
                 if not proc.wait_for("scanned", timeout=120):

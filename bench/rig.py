@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import struct
 import subprocess
@@ -63,6 +64,22 @@ def write_config(
     }
     path.write_text(json.dumps(document, indent=2) + "\n")  # JSON is YAML
     return path
+
+
+def tree_run(base: Path, tree: Path, template: Path, *, polling: bool = False, rescan: float = 300.0) -> Path:
+    """A fresh copy of the 100k-file tree's ledger in base, and a config over the tree; its API is unreachable."""
+    base.mkdir()
+    ledger = base / "ledger.db"
+    shutil.copyfile(template, ledger)
+    return write_config(
+        base / "config.yaml",
+        base_url="http://127.0.0.1:9",
+        folder=tree,
+        ledger=ledger,
+        recursive=True,
+        polling=polling,
+        rescan=rescan,
+    )
 
 
 def counts(ledger_path: Path) -> dict[str, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .measure import Proc, Usage, med
 from .report import MIB, Row, listing, met, mib, ratio, say, seconds
-from .rig import Context, check_untouched, child_env, counts, daemon_argv, write_config
+from .rig import Context, check_untouched, child_env, counts, daemon_argv, tree_run, write_config
 
 
 def find_usage(tree: Path) -> Usage:
@@ -24,12 +24,8 @@ def bench_startup(ctx: Context) -> None:
     for number in range(ctx.rounds):
         say(f"start-up round {number + 1}/{ctx.rounds}")
         base = ctx.work / f"startup-{number}"
-        base.mkdir()
+        config = tree_run(base, tree, template)
         ledger = base / "ledger.db"
-        shutil.copyfile(template, ledger)
-        config = write_config(
-            base / "config.yaml", base_url="http://127.0.0.1:9", folder=tree, ledger=ledger, recursive=True
-        )
         proc = Proc(daemon_argv(config, once=True), env=child_env(), log=True)
         usage = proc.finish(timeout=300)
         scans = proc.named("scanned")

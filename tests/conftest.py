@@ -283,3 +283,13 @@ def _reap_spawned() -> Iterator[None]:
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=10)
+
+
+def signal_pending(pid: int, number: int) -> bool:
+    """Whether a signal waits, not yet delivered, for the process (its threads' or its shared pending set)."""
+    bit = 1 << (number - 1)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, mask = line.partition(":")
+        if name in ("SigPnd", "ShdPnd") and int(mask, 16) & bit:
+            return True
+    return False

@@ -233,10 +233,14 @@ def test_the_watchdog_stops_while_a_worker_is_stalled_and_resumes_when_it_moves_
     daemon = running(built)
     systemd.wait_for("WATCHDOG=1")
     daemon.scanner.first_scan_done.wait(10)
-    # Past the first scan, the scanner sleeps on its queue for rescan_seconds (60 s here) and refreshes nothing.
-    threading.Event().wait(0.2)
-    daemon.scanner.heartbeat = time.monotonic() - 10 * daemon.allowances["scanner"]
-    wait_until(lambda: any(p.startswith("scanner: no sign of life") for p in daemon.notifier.withheld), what="it")
+
+    def stalled() -> bool:
+        # Set again at each look: the scanner may still be between its first scan and its sleep on the queue
+        # (rescan_seconds, 60 s here), the one moment it refreshes its heartbeat.
+        daemon.scanner.heartbeat = time.monotonic() - 10 * daemon.allowances["scanner"]
+        return any(p.startswith("scanner: no sign of life") for p in daemon.notifier.withheld)
+
+    wait_until(stalled, what="the watchdog to be withheld for the scanner")
     systemd.drain()
     assert "WATCHDOG=1" not in after_rounds(daemon, systemd, 3)
     daemon.scanner.heartbeat = time.monotonic()

@@ -17,7 +17,7 @@ from memories_ingest.samples import faststart_padding, write_video
 from memories_ingest.sandbox import Sandbox
 from memories_ingest.states import QUEUED, UPLOADED, UPLOADING
 
-from conftest import API_KEY, COMMAND, daemon_config, pause_of, row_of, run_cli, spawned, wait_until
+from conftest import API_KEY, COMMAND, daemon_config, pause_of, row_of, run_cli, signal_pending, spawned, wait_until
 
 
 def start(config: Path, key: str = API_KEY) -> subprocess.Popen[str]:
@@ -74,7 +74,8 @@ def test_a_second_sigterm_abandons_the_upload_at_once_and_it_goes_first_next_tim
     daemon = start(config)
     midway(tmp_path, video, sandbox)
     daemon.send_signal(signal.SIGTERM)
-    threading.Event().wait(0.5)
+    # Two signals pending at once are one: send the second only once the first has been taken.
+    wait_until(lambda: not signal_pending(daemon.pid, signal.SIGTERM), what="the first SIGTERM to be delivered")
     daemon.send_signal(signal.SIGTERM)
     _, stderr = daemon.communicate(timeout=60)
     assert daemon.returncode == 0, stderr

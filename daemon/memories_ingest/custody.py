@@ -144,6 +144,9 @@ class LedgerLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                # Not an idle wait: at most 1 s at start-up, before any worker or handler exists, while a
+                # `status` lets go of its instant's shared lock. A stop signal meanwhile is counted, and the
+                # daemon acts on it at its first turn.
                 time.sleep(LOCK_TRY_SECONDS)
         else:
             holder = _holder(fd)

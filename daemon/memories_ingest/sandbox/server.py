@@ -204,6 +204,11 @@ class Sandbox:
         with self._lock:
             self._faults.clear()
 
+    def faults_pending(self) -> int:
+        """Injected faults no request has taken yet: a test knows its request met the fault when this drops."""
+        with self._lock:
+            return len(self._faults)
+
     def video_status(self, video_no: str) -> str | None:
         with self._lock:
             stored = self._videos.get(video_no)
